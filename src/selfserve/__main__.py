@@ -1,0 +1,3 @@
+from selfserve.cli import main
+
+main()

@@ -1,0 +1,138 @@
+"""create_app(settings) -> Litestar: plugins, routers, lifespan; nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import litestar_offline_docs
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from litestar import Litestar
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme, Tag
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.static_files import create_static_files_router
+
+from selfserve import __version__, db
+from selfserve.auth.routes import AuthController
+from selfserve.catalog.routes import ROUTERS as CATALOG_ROUTERS
+from selfserve.context import DEPENDENCIES
+from selfserve.errors import EXCEPTION_HANDLERS
+from selfserve.health import docs, health, ready
+from selfserve.logs import configure_logging
+from selfserve.middleware import request_id_middleware
+from selfserve.settings import ConfigError, Settings, load_settings
+
+TAGS = [
+    Tag(name="Operations", description="Health, readiness and metrics."),
+    Tag(name="Identity", description="Sign-in, tokens and the caller's profile."),
+    Tag(name="Catalogue", description="Branches and services, readable by anyone."),
+    Tag(name="Admin: branches", description="Create and manage branches."),
+    Tag(name="Admin: services", description="Create and manage services."),
+    Tag(name="Admin: resources", description="Counters, staff and rooms with skills."),
+    Tag(name="Admin: schedules", description="Weekly shifts and dated exceptions."),
+    Tag(name="Admin: devices", description="Kiosk devices and their secrets."),
+    Tag(name="Admin: staff", description="Staff, manager and admin accounts."),
+]
+
+
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="selfserve API",
+        version=__version__,
+        description="24/7 self-service: appointments, walk-in queues, SMS, payments and "
+        "insight for service halls. Errors are RFC 9457 problem documents with a stable `code`.",
+        path="/schema",
+        render_plugins=[],
+        tags=TAGS,
+        components=Components(
+            security_schemes={
+                "BearerToken": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    bearer_format="JWT",
+                    description="Access token from /v1/auth/*",
+                )
+            }
+        ),
+        use_handler_docstrings=False,
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    pool: asyncpg.Pool | None = None,
+    redis: ArqRedis | None = None,
+) -> Litestar:
+    """Build the API. Collaborators passed in are used (and not closed) as they are."""
+    settings = settings or load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        own_pool = own_redis = None
+        try:
+            if pool is None:
+                if not settings.database_url:
+                    raise ConfigError("DATABASE_URL is not set")
+                own_pool = await db.create_pool(
+                    settings.database_url,
+                    min_size=settings.db_pool_min,
+                    max_size=settings.db_pool_max,
+                )
+            if redis is None:
+                if not settings.redis_url:
+                    raise ConfigError("REDIS_URL is not set")
+                own_redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+            if own_pool is not None:
+                app.state.pool = own_pool
+            if own_redis is not None:
+                app.state.redis = own_redis
+            yield
+        finally:
+            if own_redis is not None:
+                await own_redis.aclose()
+            if own_pool is not None:
+                await own_pool.close()
+
+    prometheus = PrometheusConfig(app_name="selfserve", group_path=True, exclude=["/metrics"])
+    static_dir = Path(litestar_offline_docs.__file__).parent / "static"
+    state: dict[str, Any] = {"settings": settings, "pool": pool, "redis": redis}
+    return Litestar(
+        route_handlers=[
+            health,
+            ready,
+            docs,
+            PrometheusController,
+            create_static_files_router(
+                path="/docs/static",
+                directories=[static_dir],
+                include_in_schema=False,
+                name="docs-static",
+            ),
+            AuthController,
+            *CATALOG_ROUTERS,
+        ],
+        dependencies=DEPENDENCIES,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[request_id_middleware, prometheus.middleware],
+        lifespan=[lifespan],
+        openapi_config=openapi_config(),
+        cors_config=CORSConfig(allow_origins=list(settings.cors_origins))
+        if settings.cors_origins
+        else None,
+        request_max_body_size=settings.max_body_bytes,
+        state=State(state),
+        debug=False,
+    )
+
+
+def app_factory() -> Litestar:
+    """Entry point for ASGI servers (`uvicorn --factory selfserve.app:app_factory`)."""
+    return create_app(load_settings())

@@ -1,0 +1,34 @@
+"""Request and response bodies of the auth endpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Email = Annotated[str, msgspec.Meta(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
+Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+
+
+class StaffLogin(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    email: Email
+    password: Password
+
+
+class DeviceLogin(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    device_id: Annotated[int, msgspec.Meta(ge=1)]
+    secret: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+class RefreshRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    refresh_token: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+class TokenPair(msgspec.Struct, kw_only=True):
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105
+    role: str
+    channel: str
+    branch_ids: list[int] | None

@@ -1,0 +1,1 @@
+"""Catalogue: branches, services, resources, schedules, kiosk devices, staff accounts."""

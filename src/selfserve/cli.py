@@ -1,0 +1,239 @@
+"""The `selfserve` command: dev, serve, worker, db migrate, admin create, openapi."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from selfserve.settings import ConfigError, Settings, load_settings
+
+
+def _fail(message: str) -> int:
+    print(f"selfserve: {message}", file=sys.stderr)
+    return 2
+
+
+def openapi_document() -> dict[str, Any]:
+    from selfserve.app import create_app
+
+    app = create_app(Settings(environment="test"))
+    schema: dict[str, Any] = app.openapi_schema.to_schema()
+    return schema
+
+
+def render_openapi() -> str:
+    return json.dumps(openapi_document(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_openapi(), encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from selfserve import db
+
+    settings = load_settings()
+    if not settings.database_url:
+        return _fail("DATABASE_URL is not set")
+    applied = asyncio.run(db.migrate_url(settings.database_url))
+    print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
+    return 0
+
+
+def cmd_admin_create(args: argparse.Namespace) -> int:
+    from selfserve import db
+    from selfserve.catalog.service import create_first_admin
+    from selfserve.errors import Conflict
+
+    settings = load_settings()
+    if not settings.database_url:
+        return _fail("DATABASE_URL is not set")
+    if len(args.password) < 10:
+        return _fail("the password must have at least 10 characters")
+
+    async def run() -> int:
+        assert settings.database_url is not None
+        pool = await db.create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            return await create_first_admin(pool, args.email, args.password, args.name)
+        finally:
+            await pool.close()
+
+    try:
+        staff_id = asyncio.run(run())
+    except Conflict as exc:
+        return _fail(str(exc.detail))
+    print(f"created admin {args.email} (id {staff_id})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = load_settings()
+    uvicorn.run(
+        "selfserve.app:app_factory",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
+        access_log=False,
+        log_level=settings.log_level.lower(),
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from arq.worker import run_worker
+
+    from selfserve.worker import WorkerSettings, redis_settings
+
+    load_settings()
+    run_worker(WorkerSettings, redis_settings=redis_settings())  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from selfserve import db
+    from selfserve.app import create_app
+    from selfserve.demo import load_demo
+    from selfserve.embedded import EmbeddedServices
+
+    settings = load_settings()
+    embedded: EmbeddedServices | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        if not settings.database_url or not settings.redis_url:
+            print("starting embedded PostgreSQL and Valkey under", settings.data_path.resolve())
+            embedded = EmbeddedServices(settings.data_path).start()
+            settings = msgspec.structs.replace(
+                settings,
+                database_url=settings.database_url or embedded.database_url,
+                redis_url=settings.redis_url or embedded.redis_url,
+            )
+        assert settings.database_url
+        assert settings.redis_url
+        settings = msgspec.structs.replace(
+            settings,
+            public_base_url=os.environ.get(
+                "SELFSERVE_PUBLIC_BASE_URL", f"http://{args.host}:{args.port}"
+            ).rstrip("/"),
+        )
+
+        async def prepare() -> Any:
+            conn = await db.asyncpg.connect(settings.database_url)
+            try:
+                await db.migrate(conn)
+                return await load_demo(conn)
+            finally:
+                await conn.close()
+
+        creds = asyncio.run(prepare())
+        creds_file = settings.data_path / "demo-credentials.json"
+        if creds.kiosk_secret:
+            settings.data_path.mkdir(parents=True, exist_ok=True)
+            creds_file.write_text(json.dumps({"kiosk_secret": creds.kiosk_secret}))
+            creds_file.chmod(0o600)
+        elif creds_file.exists():
+            creds.kiosk_secret = json.loads(creds_file.read_text()).get("kiosk_secret")
+
+        env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
+        worker = subprocess.Popen([sys.executable, "-m", "selfserve", "worker"], env=env)
+        base = f"http://{args.host}:{args.port}"
+        print(
+            "\nselfserve is starting\n"
+            f"  API docs:   {base}/docs\n"
+            f"  readiness:  {base}/ready\n"
+            f"  admin:      {creds.admin_email} / {creds.admin_password}\n"
+            f"  manager:    {creds.manager_email} / {creds.manager_password} (Shanghai only)\n"
+            f"  kiosk:      device_id {creds.kiosk_device_id} / secret {creds.kiosk_secret}\n"
+            "  Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        config = uvicorn.Config(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            access_log=False,
+            log_level="warning",
+            lifespan="on",
+        )
+        uvicorn.Server(config).run()
+        return 0
+    except ConfigError as exc:
+        return _fail(str(exc))
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGINT)
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if embedded is not None:
+            embedded.stop()
+            print("embedded services stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="everything in one process group, embedded servers, demo data")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.set_defaults(func=cmd_dev)
+
+    serve = sub.add_parser("serve", help="run the API (production)")
+    serve.add_argument("--host", default="0.0.0.0")  # noqa: S104
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run the arq worker")
+    worker.set_defaults(func=cmd_worker)
+
+    dbp = sub.add_parser("db", help="database commands")
+    dbsub = dbp.add_subparsers(dest="db_command", required=True)
+    mig = dbsub.add_parser("migrate", help="apply pending migrations (idempotent)")
+    mig.set_defaults(func=cmd_migrate)
+
+    admin = sub.add_parser("admin", help="account commands")
+    adminsub = admin.add_subparsers(dest="admin_command", required=True)
+    create = adminsub.add_parser("create", help="create an admin account")
+    create.add_argument("--email", required=True)
+    create.add_argument("--password", required=True)
+    create.add_argument("--name", default="Administrator")
+    create.set_defaults(func=cmd_admin_create)
+
+    oa = sub.add_parser("openapi", help="write the OpenAPI document")
+    oa.add_argument("--output", default="openapi/openapi.json")
+    oa.set_defaults(func=cmd_openapi)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except ConfigError as exc:
+        code = _fail(str(exc))
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

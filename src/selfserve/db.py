@@ -1,0 +1,152 @@
+"""PostgreSQL access: pool, transactions, migrations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger("selfserve.db")
+
+Pool = asyncpg.Pool
+Connection = asyncpg.Connection
+Record = asyncpg.Record
+
+# Any constant will do; it only has to be the same for every process that migrates.
+MIGRATION_LOCK_KEY = 7_305_822_914_001
+MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=30,
+        server_settings={"application_name": "selfserve", "timezone": "UTC"},
+    )
+    assert pool is not None
+    return pool
+
+
+@asynccontextmanager
+async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """One connection, one transaction: commit on success, roll back on any error."""
+    async with pool.acquire() as conn, conn.transaction():
+        yield conn
+
+
+# --- migrations -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+class MigrationError(Exception):
+    pass
+
+
+def migrations_dir() -> Path:
+    """Packaged migrations (wheel install) or the repository's `migrations/`."""
+    packaged = Path(str(resources.files("selfserve"))) / "_data" / "migrations"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "migrations"
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    directory = directory or migrations_dir()
+    found: list[Migration] = []
+    for path in sorted(directory.glob("*.sql")):
+        match = MIGRATION_FILE.match(path.name)
+        if not match:
+            raise MigrationError(f"migration file name not understood: {path.name}")
+        found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError("two migration files share a version number")
+    return found
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[int]:
+    """Apply pending migrations, each in its own transaction; return versions applied.
+
+    A session-level advisory lock serialises concurrent runners: the second waits,
+    then finds nothing left to do. An applied file whose text changed is an error.
+    """
+    pending = load_migrations(directory)
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(
+            """
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                checksum text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        )
+        rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+        applied = {r["version"]: r for r in rows}
+        done: list[int] = []
+        for mig in pending:
+            if mig.version in applied:
+                if applied[mig.version]["checksum"] != mig.checksum:
+                    raise MigrationError(
+                        f"migration {mig.version:04d}_{mig.name} changed after it was applied"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(mig.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    mig.version,
+                    mig.name,
+                    mig.checksum,
+                )
+            log.info("migration_applied", version=mig.version, name=mig.name)
+            done.append(mig.version)
+        return done
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+
+
+async def migrate_url(dsn: str) -> list[int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def constraint_of(exc: BaseException) -> str | None:
+    name = getattr(exc, "constraint_name", None)
+    return name if isinstance(name, str) else None
+
+
+def rows(records: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    return [dict(r) for r in records]

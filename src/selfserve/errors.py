@@ -1,0 +1,300 @@
+"""Domain errors and their RFC 9457 problem responses.
+
+Services raise `DomainError` subclasses; one set of exception handlers turns
+those, Litestar's own HTTP errors and validation failures into
+`application/problem+json` with a stable machine `code`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+import msgspec
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import (
+    HTTPException,
+    NotAuthorizedException,
+    NotFoundException,
+    PermissionDeniedException,
+    ValidationException,
+)
+from litestar.exceptions.http_exceptions import (
+    MethodNotAllowedException,
+    RequestEntityTooLarge,
+)
+from litestar.types import ExceptionHandlersMap
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+TYPE_BASE = "https://selfserve.dev/problems/"
+
+log = structlog.get_logger("selfserve.errors")
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    field: str
+    message: str
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details with a stable machine-readable `code`."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    instance: str | None = None
+    request_id: str | None = None
+    errors: list[FieldError] | None = None
+
+
+# code -> (en, zh-CN) human text; `detail` follows Accept-Language.
+MESSAGES: dict[str, tuple[str, str]] = {
+    "validation_error": ("The request is not valid.", "请求内容无效。"),
+    "malformed_body": ("The request body is not valid JSON.", "请求体不是有效的 JSON。"),
+    "body_too_large": ("The request body is too large.", "请求体过大。"),
+    "not_found": ("The resource was not found.", "未找到该资源。"),
+    "method_not_allowed": ("This method is not allowed here.", "不允许使用此方法。"),
+    "unauthorized": ("Authentication is required.", "需要登录认证。"),
+    "invalid_token": ("The access token is invalid or expired.", "访问令牌无效或已过期。"),
+    "invalid_credentials": ("The credentials are not valid.", "凭据无效。"),
+    "invalid_refresh_token": ("The refresh token is invalid.", "刷新令牌无效。"),
+    "refresh_token_reused": (
+        "This refresh token was already used; the session has been revoked.",
+        "该刷新令牌已被使用，会话已被撤销。",
+    ),
+    "forbidden": ("You are not allowed to do this.", "您无权执行此操作。"),
+    "branch_forbidden": (
+        "You are not allowed to act on this branch.",
+        "您无权操作该网点。",
+    ),
+    "conflict": ("The request conflicts with the current state.", "请求与当前状态冲突。"),
+    "already_exists": ("A record with these values already exists.", "已存在相同的记录。"),
+    "inactive_reference": (
+        "The request refers to something that is deactivated.",
+        "请求引用了已停用的对象。",
+    ),
+    "overlapping_shift": (
+        "The shift overlaps another shift of the same resource.",
+        "该班次与同一资源的其他班次重叠。",
+    ),
+    "service_unavailable": ("A dependency is unavailable.", "依赖服务暂不可用。"),
+    "internal_error": ("Something went wrong on our side.", "服务器内部错误。"),
+    "rate_limited": ("Too many requests; try again later.", "请求过于频繁，请稍后再试。"),
+}
+
+
+def message(code: str, locale: str) -> str:
+    en, zh = MESSAGES.get(code, MESSAGES["internal_error"])
+    return zh if locale == "zh-CN" else en
+
+
+def negotiate_locale(accept_language: str | None) -> str:
+    """Pick `zh-CN` or `en` from an Accept-Language header (q-values honoured)."""
+    if not accept_language:
+        return "en"
+    best, best_q = "en", -1.0
+    for part in accept_language.split(","):
+        pieces = part.strip().split(";")
+        tag = pieces[0].strip().lower()
+        q = 1.0
+        for param in pieces[1:]:
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if tag.startswith("zh"):
+            candidate = "zh-CN"
+        elif tag.startswith("en") or tag == "*":
+            candidate = "en"
+        else:
+            continue
+        if q > best_q:
+            best, best_q = candidate, q
+    return best
+
+
+class DomainError(Exception):
+    """Base of every error a service raises on purpose."""
+
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        errors: Sequence[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail or self.code)
+        self.detail = detail
+        self.errors = list(errors) if errors else None
+        self.headers = headers or {}
+        self.code_override = code
+        self.extra = extra or {}
+
+    @property
+    def problem_code(self) -> str:
+        return self.code_override or self.code
+
+
+class InvalidInput(DomainError):
+    status = 422
+    code = "validation_error"
+
+    @classmethod
+    def field(cls, field: str, msg: str) -> InvalidInput:
+        return cls(errors=[FieldError(field=field, message=msg)])
+
+
+class NotFound(DomainError):
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(DomainError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(DomainError):
+    status = 403
+    code = "forbidden"
+
+
+class Conflict(DomainError):
+    status = 409
+    code = "conflict"
+
+
+class RateLimited(DomainError):
+    status = 429
+    code = "rate_limited"
+
+
+class ServiceUnavailable(DomainError):
+    status = 503
+    code = "service_unavailable"
+
+
+def _request_id(request: Request[Any, Any, Any]) -> str | None:
+    rid = request.scope.get("state", {}).get("request_id")
+    return rid if isinstance(rid, str) else None
+
+
+def problem_response(
+    request: Request[Any, Any, Any],
+    *,
+    status: int,
+    code: str,
+    detail: str | None = None,
+    errors: Sequence[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[Problem]:
+    locale = negotiate_locale(request.headers.get("accept-language"))
+    body = Problem(
+        type=TYPE_BASE + code,
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail or message(code, locale),
+        code=code,
+        instance=request.url.path,
+        request_id=_request_id(request),
+        errors=list(errors) if errors else None,
+    )
+    return Response(
+        content=body,
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers={"content-language": locale, **(headers or {})},
+    )
+
+
+def _domain_handler(request: Request[Any, Any, Any], exc: DomainError) -> Response[Problem]:
+    return problem_response(
+        request,
+        status=exc.status,
+        code=exc.problem_code,
+        detail=exc.detail,
+        errors=exc.errors,
+        headers=exc.headers,
+    )
+
+
+def _validation_errors(extra: Any) -> list[FieldError]:
+    out: list[FieldError] = []
+    if isinstance(extra, list):
+        for item in extra:
+            if isinstance(item, dict):
+                key = str(item.get("key") or item.get("source") or "body")
+                msg = str(item.get("message", "invalid value"))
+                out.append(FieldError(field=key, message=msg))
+    return out
+
+
+def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+    status = exc.status_code
+    headers = dict(exc.headers or {})
+    if isinstance(exc, ValidationException):
+        detail = str(exc.detail or "")
+        errors = _validation_errors(exc.extra)
+        if "malformed" in detail.lower() or "json is malformed" in detail.lower():
+            return problem_response(request, status=400, code="malformed_body", errors=errors)
+        if not errors:
+            errors = [FieldError(field="body", message=detail or "invalid value")]
+        return problem_response(request, status=422, code="validation_error", errors=errors)
+    if isinstance(exc, RequestEntityTooLarge):
+        code = "body_too_large"
+    elif isinstance(exc, NotFoundException):
+        code = "not_found"
+    elif isinstance(exc, NotAuthorizedException):
+        code = "unauthorized"
+    elif isinstance(exc, PermissionDeniedException):
+        code = "forbidden"
+    elif isinstance(exc, MethodNotAllowedException):
+        code = "method_not_allowed"
+    elif status == 413:
+        code = "body_too_large"
+    elif status >= 500:
+        code = "internal_error"
+    else:
+        code = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    return problem_response(request, status=status, code=code, headers=headers)
+
+
+def _internal_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    log.exception("unhandled_error", path=request.url.path, error=type(exc).__name__)
+    return problem_response(request, status=500, code="internal_error")
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    DomainError: _domain_handler,
+    HTTPException: _http_handler,
+    Exception: _internal_handler,
+}
+
+__all__ = [
+    "EXCEPTION_HANDLERS",
+    "MESSAGES",
+    "PROBLEM_MEDIA_TYPE",
+    "Conflict",
+    "DomainError",
+    "FieldError",
+    "Forbidden",
+    "InvalidInput",
+    "NotFound",
+    "Problem",
+    "RateLimited",
+    "ServiceUnavailable",
+    "Unauthorized",
+    "negotiate_locale",
+    "problem_response",
+]

@@ -1,0 +1,84 @@
+"""Liveness, readiness and the offline interactive docs page."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+from litestar import MediaType, Response, get
+from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
+
+
+class Health(msgspec.Struct):
+    status: str
+
+
+class Readiness(msgspec.Struct):
+    status: str
+    checks: dict[str, str]
+
+
+@get("/health", tags=["Operations"], summary="Liveness (no I/O)", operation_id="health")
+async def health() -> Health:
+    return Health(status="ok")
+
+
+async def _check(coro: Any) -> str:
+    try:
+        await asyncio.wait_for(coro, timeout=2.0)
+    except Exception as exc:  # a readiness probe reports, never raises
+        return f"down: {type(exc).__name__}"
+    return "ok"
+
+
+@get(
+    "/ready",
+    tags=["Operations"],
+    summary="Readiness: PostgreSQL and Redis answer",
+    description="200 when both dependencies answer; 503 naming the one that is down.",
+    operation_id="ready",
+    responses={503: ResponseSpec(data_container=Readiness, description="A dependency is down.")},
+)
+async def ready(state: State) -> Response[Readiness]:
+    postgres, redis = await asyncio.gather(
+        _check(state.pool.fetchval("SELECT 1")), _check(state.redis.ping())
+    )
+    checks = {"postgres": postgres, "redis": redis}
+    ok = all(v == "ok" for v in checks.values())
+    return Response(
+        Readiness(status="ok" if ok else "unavailable", checks=checks),
+        status_code=200 if ok else 503,
+    )
+
+
+DOCS_HTML = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>selfserve API</title>
+  <link rel="stylesheet" href="/docs/static/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/static/swagger-ui-bundle.js"></script>
+  <script src="/docs/static/swagger-ui-standalone-preset.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({
+      url: "/schema/openapi.json",
+      dom_id: "#swagger-ui",
+      deepLinking: true,
+      persistAuthorization: true,
+      presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+      layout: "StandaloneLayout",
+    });
+  </script>
+</body>
+</html>
+"""
+
+
+@get("/docs", include_in_schema=False, media_type=MediaType.HTML)
+async def docs() -> str:
+    return DOCS_HTML

@@ -1,0 +1,58 @@
+"""arq worker: job functions and periodic sweeps. Providers live in ctx."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq import cron
+from arq.connections import RedisSettings
+
+from selfserve import db
+from selfserve.logs import configure_logging
+from selfserve.settings import ConfigError, load_settings
+
+PURGE_REFRESH_TOKENS = """
+DELETE FROM refresh_tokens
+WHERE expires_at < now() - interval '7 days'
+   OR (revoked_at IS NOT NULL AND revoked_at < now() - interval '7 days')
+"""
+
+
+async def purge_refresh_tokens(ctx: dict[str, Any]) -> int:
+    """Drop refresh tokens long expired or revoked (kept a week for reuse detection)."""
+    result: str = await ctx["pool"].execute(PURGE_REFRESH_TOKENS)
+    return int(result.split()[-1])
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    if not settings.database_url:
+        raise ConfigError("DATABASE_URL is not set")
+    ctx["settings"] = settings
+    ctx["pool"] = await db.create_pool(
+        settings.database_url, min_size=1, max_size=settings.db_pool_max
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    pool = ctx.get("pool")
+    if pool is not None:
+        await pool.close()
+
+
+def redis_settings() -> RedisSettings:
+    url = load_settings().redis_url
+    if not url:
+        raise ConfigError("REDIS_URL is not set")
+    return RedisSettings.from_dsn(url)
+
+
+class WorkerSettings:
+    functions = [purge_refresh_tokens]
+    cron_jobs = [cron(purge_refresh_tokens, hour=3, minute=17, run_at_startup=False)]
+    on_startup = startup
+    on_shutdown = shutdown
+    max_tries = 5
+    job_timeout = 60
+    keep_result = 3600
