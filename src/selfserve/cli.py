@@ -109,6 +109,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
+    import asyncpg
     import uvicorn
 
     from selfserve import db
@@ -128,8 +129,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 database_url=settings.database_url or embedded.database_url,
                 redis_url=settings.redis_url or embedded.redis_url,
             )
-        assert settings.database_url
-        assert settings.redis_url
+        database_url, redis_url = settings.database_url, settings.redis_url
+        assert database_url
+        assert redis_url
         settings = msgspec.structs.replace(
             settings,
             public_base_url=os.environ.get(
@@ -138,7 +140,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         )
 
         async def prepare() -> Any:
-            conn = await db.asyncpg.connect(settings.database_url)
+            conn = await asyncpg.connect(settings.database_url)
             try:
                 await db.migrate(conn)
                 return await load_demo(conn)
@@ -154,7 +156,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         elif creds_file.exists():
             creds.kiosk_secret = json.loads(creds_file.read_text()).get("kiosk_secret")
 
-        env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
+        env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
         worker = subprocess.Popen([sys.executable, "-m", "selfserve", "worker"], env=env)
         base = f"http://{args.host}:{args.port}"
         print(

@@ -10,16 +10,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
+import msgspec
 import structlog
+from asyncpg.pool import PoolConnectionProxy
 
 log = structlog.get_logger("selfserve.db")
 
 Pool = asyncpg.Pool
-Connection = asyncpg.Connection
 Record = asyncpg.Record
+# A plain connection or one borrowed from a pool: what SQL helpers accept.
+Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 # Any constant will do; it only has to be the same for every process that migrates.
 MIGRATION_LOCK_KEY = 7_305_822_914_001
@@ -45,7 +48,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
 
 
 @asynccontextmanager
-async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+async def transaction(pool: asyncpg.Pool) -> AsyncIterator[Conn]:
     """One connection, one transaction: commit on success, roll back on any error."""
     async with pool.acquire() as conn, conn.transaction():
         yield conn
@@ -91,7 +94,7 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[int]:
+async def migrate(conn: Conn, directory: Path | None = None) -> list[int]:
     """Apply pending migrations, each in its own transaction; return versions applied.
 
     A session-level advisory lock serialises concurrent runners: the second waits,
@@ -141,6 +144,16 @@ async def migrate_url(dsn: str) -> list[int]:
         return await migrate(conn)
     finally:
         await conn.close()
+
+
+T = TypeVar("T")
+
+
+def to_struct(row: asyncpg.Record | None, typ: type[T]) -> T:
+    """Convert a row to a Struct; a row that vanished is a LookupError (a bug, not input)."""
+    if row is None:
+        raise LookupError(f"expected a {typ.__name__} row")
+    return msgspec.convert(dict(row), typ)
 
 
 def constraint_of(exc: BaseException) -> str | None:

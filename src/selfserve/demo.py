@@ -5,10 +5,9 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-import asyncpg
-
 from selfserve.auth.passwords import hash_password
 from selfserve.auth.tokens import hash_secret
+from selfserve.db import Conn
 
 DEMO_ADMIN_EMAIL = "admin@selfserve.local"
 DEMO_ADMIN_PASSWORD = "selfserve-admin"  # noqa: S105  (demo only, printed at start)
@@ -32,7 +31,7 @@ def _hours(opens: str, closes: str, days: tuple[int, ...]) -> list[dict[str, obj
     return [{"weekday": d, "opens": opens, "closes": closes} for d in days]
 
 
-async def load_demo(conn: asyncpg.Connection) -> DemoCredentials:
+async def load_demo(conn: Conn) -> DemoCredentials:
     """Insert demo branches, services, resources, shifts, a kiosk and accounts, once."""
     creds = DemoCredentials(
         DEMO_ADMIN_EMAIL,

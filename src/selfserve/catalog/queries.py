@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from selfserve.db import Conn
 from selfserve.errors import InvalidInput
 
 BRANCH_COLUMNS = (
@@ -106,7 +107,7 @@ def decode_cursor(cursor: str | None) -> int:
 
 
 async def page(
-    conn: asyncpg.Connection,
+    conn: Conn,
     select: str,
     id_column: str,
     filters: Sequence[str],
@@ -127,9 +128,7 @@ async def page(
     return records, next_cursor
 
 
-async def update_columns(
-    conn: asyncpg.Connection, table: str, row_id: int, changes: Mapping[str, Any]
-) -> None:
+async def update_columns(conn: Conn, table: str, row_id: int, changes: Mapping[str, Any]) -> None:
     """UPDATE only the given whitelisted columns, bumping updated_at."""
     if not changes:
         await conn.execute(f"UPDATE {table} SET updated_at = now() WHERE id = $1", row_id)

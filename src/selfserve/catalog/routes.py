@@ -49,7 +49,7 @@ READ_ERRORS = problems(401, 403, 422)
 ONE_ERRORS = problems(401, 403, 404)
 CREATE_ERRORS = problems(400, 401, 403, 413, 422)
 WRITE_ERRORS = problems(400, 401, 403, 404, 413, 422)
-SECURITY = [{"BearerToken": []}]
+SECURITY: list[dict[str, list[str]]] = [{"BearerToken": []}]
 
 
 # --- public catalogue --------------------------------------------------------
@@ -557,7 +557,7 @@ class AdminStaffController(Controller):
         return await svc.deactivate_staff(pool, principal, staff_id)
 
 
-ROUTERS = [
+ROUTERS: list[type[Controller] | Router] = [
     PublicCatalogueController,
     Router(
         path="/",

@@ -42,7 +42,7 @@ from selfserve.catalog.models import (
     StaffCreate,
     StaffUpdate,
 )
-from selfserve.db import constraint_of, transaction
+from selfserve.db import Conn, constraint_of, to_struct, transaction
 from selfserve.errors import Conflict, FieldError, Forbidden, InvalidInput, NotFound
 
 Page = tuple[list[Any], str | None]
@@ -105,8 +105,8 @@ def validate_hours(hours: Sequence[OpeningHours], closures: Sequence[Closure]) -
         raise InvalidInput(errors=errors)
 
 
-def _branch(row: asyncpg.Record) -> Branch:
-    return msgspec.convert(dict(row), Branch)
+def _branch(row: asyncpg.Record | None) -> Branch:
+    return to_struct(row, Branch)
 
 
 async def create_branch(pool: asyncpg.Pool, principal: Principal, data: BranchCreate) -> Branch:
@@ -217,7 +217,7 @@ async def deactivate_branch(pool: asyncpg.Pool, principal: Principal, branch_id:
     return _branch(row)
 
 
-async def _branch_for_write(conn: asyncpg.Connection, principal: Principal, branch_id: int) -> None:
+async def _branch_for_write(conn: Conn, principal: Principal, branch_id: int) -> None:
     """The named branch must exist, be active and lie inside the caller's scope."""
     ensure_can_write(principal, branch_id)
     active = await conn.fetchval("SELECT active FROM branches WHERE id = $1 FOR SHARE", branch_id)
@@ -265,7 +265,7 @@ async def create_service(pool: asyncpg.Pool, principal: Principal, data: Service
             data.cancellation_window_min,
             data.slot_interval_min,
         )
-    return msgspec.convert(dict(row), Service)
+    return to_struct(row, Service)
 
 
 async def get_service(
@@ -276,7 +276,7 @@ async def get_service(
         raise NotFound()
     if principal is not None:
         ensure_visible(principal, row["branch_id"])
-    return msgspec.convert(dict(row), Service)
+    return to_struct(row, Service)
 
 
 def _scope_filters(
@@ -315,7 +315,7 @@ async def list_services(
             limit=limit,
             cursor=cursor,
         )
-    return [msgspec.convert(dict(r), Service) for r in rows], nxt
+    return [to_struct(r, Service) for r in rows], nxt
 
 
 async def update_service(
@@ -335,7 +335,7 @@ async def update_service(
         row = await conn.fetchrow(
             f"SELECT {q.SERVICE_COLUMNS} FROM services WHERE id = $1", service_id
         )
-    return msgspec.convert(dict(row), Service)
+    return to_struct(row, Service)
 
 
 async def deactivate_service(pool: asyncpg.Pool, principal: Principal, service_id: int) -> Service:
@@ -352,13 +352,13 @@ async def deactivate_service(pool: asyncpg.Pool, principal: Principal, service_i
             f"RETURNING {q.SERVICE_COLUMNS}",
             service_id,
         )
-    return msgspec.convert(dict(row), Service)
+    return to_struct(row, Service)
 
 
 # --- resources ---------------------------------------------------------------
 
 
-async def _check_skills(conn: asyncpg.Connection, branch_id: int, skills: list[int]) -> None:
+async def _check_skills(conn: Conn, branch_id: int, skills: list[int]) -> None:
     if not skills:
         return
     bad = await conn.fetchval(q.CHECK_SERVICES_IN_BRANCH, skills, branch_id)
@@ -368,9 +368,9 @@ async def _check_skills(conn: asyncpg.Connection, branch_id: int, skills: list[i
         )
 
 
-async def _load_resource(conn: asyncpg.Connection, resource_id: int) -> Resource | None:
+async def _load_resource(conn: Conn, resource_id: int) -> Resource | None:
     row = await conn.fetchrow(q.RESOURCE_SELECT + " WHERE r.id = $1", resource_id)
-    return msgspec.convert(dict(row), Resource) if row else None
+    return to_struct(row, Resource) if row else None
 
 
 async def create_resource(
@@ -419,7 +419,7 @@ async def list_resources(
             limit=limit,
             cursor=cursor,
         )
-    return [msgspec.convert(dict(r), Resource) for r in rows], nxt
+    return [to_struct(r, Resource) for r in rows], nxt
 
 
 async def update_resource(
@@ -471,7 +471,9 @@ async def deactivate_resource(
 # --- schedules ---------------------------------------------------------------
 
 
-def _schedule(row: asyncpg.Record) -> Schedule:
+def _schedule(row: asyncpg.Record | None) -> Schedule:
+    if row is None:
+        raise LookupError("expected a schedule row")
     d = dict(row)
     start, end = d.pop("start_minute"), d.pop("end_minute")
     d["start"] = minute_to_clock(start) if start is not None else None
@@ -501,9 +503,7 @@ def _overlap(exc: asyncpg.ExclusionViolationError) -> InvalidInput:
     )
 
 
-async def _resource_for_write(
-    conn: asyncpg.Connection, principal: Principal, resource_id: int
-) -> int:
+async def _resource_for_write(conn: Conn, principal: Principal, resource_id: int) -> int:
     row = await conn.fetchrow(
         "SELECT branch_id, active FROM resources WHERE id = $1 FOR SHARE", resource_id
     )
@@ -681,7 +681,8 @@ async def create_device(
         row = await conn.fetchrow(
             q.INSERT_DEVICE, data.branch_id, data.name, data.kind, hash_secret(secret)
         )
-    return msgspec.convert({**dict(row), "secret": secret}, DeviceWithSecret)
+    device = to_struct(row, Device)
+    return DeviceWithSecret(**msgspec.structs.asdict(device), secret=secret)
 
 
 async def get_device(pool: asyncpg.Pool, principal: Principal, device_id: int) -> Device:
@@ -689,7 +690,7 @@ async def get_device(pool: asyncpg.Pool, principal: Principal, device_id: int) -
     if row is None:
         raise NotFound()
     ensure_visible(principal, row["branch_id"])
-    return msgspec.convert(dict(row), Device)
+    return to_struct(row, Device)
 
 
 async def list_devices(
@@ -714,7 +715,7 @@ async def list_devices(
             limit=limit,
             cursor=cursor,
         )
-    return [msgspec.convert(dict(r), Device) for r in rows], nxt
+    return [to_struct(r, Device) for r in rows], nxt
 
 
 async def update_device(
@@ -732,7 +733,7 @@ async def update_device(
         row = await conn.fetchrow(
             f"SELECT {q.DEVICE_COLUMNS} FROM devices WHERE id = $1", device_id
         )
-    return msgspec.convert(dict(row), Device)
+    return to_struct(row, Device)
 
 
 async def deactivate_device(pool: asyncpg.Pool, principal: Principal, device_id: int) -> Device:
@@ -751,7 +752,7 @@ async def deactivate_device(pool: asyncpg.Pool, principal: Principal, device_id:
             device_id,
         )
         await revoke_principal(conn, "device", device_id)
-    return msgspec.convert(dict(row), Device)
+    return to_struct(row, Device)
 
 
 # --- staff accounts ----------------------------------------------------------
@@ -769,7 +770,7 @@ def _check_staff_grant(principal: Principal, role: str, branch_ids: list[int]) -
         ensure_can_write(principal, b)
 
 
-async def _check_branches(conn: asyncpg.Connection, role: str, branch_ids: list[int]) -> None:
+async def _check_branches(conn: Conn, role: str, branch_ids: list[int]) -> None:
     if role != "admin" and not branch_ids:
         raise InvalidInput.field("branch_ids", f"a {role} account needs at least one branch")
     bad = await conn.fetchval(q.CHECK_BRANCHES_ACTIVE, branch_ids) if branch_ids else None
@@ -777,9 +778,9 @@ async def _check_branches(conn: asyncpg.Connection, role: str, branch_ids: list[
         raise InvalidInput.field("branch_ids", f"no such active branch: {sorted(set(bad))}")
 
 
-async def _load_staff(conn: asyncpg.Connection, staff_id: int) -> StaffAccount | None:
+async def _load_staff(conn: Conn, staff_id: int) -> StaffAccount | None:
     row = await conn.fetchrow(q.STAFF_SELECT + " WHERE s.id = $1", staff_id)
-    return msgspec.convert(dict(row), StaffAccount) if row else None
+    return to_struct(row, StaffAccount) if row else None
 
 
 def _staff_visible(principal: Principal, account: StaffAccount) -> bool:
@@ -857,7 +858,7 @@ async def list_staff(
         rows, nxt = await q.page(
             conn, q.STAFF_SELECT, "s.id", filters or ["true"], params, limit=limit, cursor=cursor
         )
-    return [msgspec.convert(dict(r), StaffAccount) for r in rows], nxt
+    return [to_struct(r, StaffAccount) for r in rows], nxt
 
 
 async def update_staff(
