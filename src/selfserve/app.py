@@ -15,7 +15,7 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme, Tag
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusConfig
 from litestar.static_files import create_static_files_router
 
 from selfserve import __version__, db
@@ -23,7 +23,7 @@ from selfserve.auth.routes import AuthController
 from selfserve.catalog.routes import ROUTERS as CATALOG_ROUTERS
 from selfserve.context import DEPENDENCIES
 from selfserve.errors import EXCEPTION_HANDLERS
-from selfserve.health import docs, health, ready
+from selfserve.health import docs, health, metrics, ready
 from selfserve.logs import configure_logging
 from selfserve.middleware import request_id_middleware
 from selfserve.settings import ConfigError, Settings, load_settings
@@ -109,7 +109,7 @@ def create_app(
             health,
             ready,
             docs,
-            PrometheusController,
+            metrics,
             create_static_files_router(
                 path="/docs/static",
                 directories=[static_dir],

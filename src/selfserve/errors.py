@@ -7,6 +7,7 @@ those, Litestar's own HTTP errors and validation failures into
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -55,6 +56,7 @@ class Problem(msgspec.Struct, omit_defaults=True):
 MESSAGES: dict[str, tuple[str, str]] = {
     "validation_error": ("The request is not valid.", "请求内容无效。"),
     "malformed_body": ("The request body is not valid JSON.", "请求体不是有效的 JSON。"),
+    "bad_request": ("The request could not be understood.", "无法理解该请求。"),
     "body_too_large": ("The request body is too large.", "请求体过大。"),
     "not_found": ("The resource was not found.", "未找到该资源。"),
     "method_not_allowed": ("This method is not allowed here.", "不允许使用此方法。"),
@@ -229,13 +231,25 @@ def _domain_handler(request: Request[Any, Any, Any], exc: DomainError) -> Respon
     )
 
 
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
 def _validation_errors(extra: Any) -> list[FieldError]:
+    """Litestar/msgspec validation details -> [{field, message}] naming the real field."""
     out: list[FieldError] = []
     if isinstance(extra, list):
         for item in extra:
             if isinstance(item, dict):
                 key = str(item.get("key") or item.get("source") or "body")
                 msg = str(item.get("message", "invalid value"))
+                unknown = _UNKNOWN_FIELD.search(msg)
+                at = _AT_PATH.search(msg)
+                if unknown:
+                    prefix = at.group(1) if at and at.group(1) else ""
+                    key = f"{prefix}.{unknown.group(1)}" if prefix else unknown.group(1)
+                elif key == "data":
+                    key = at.group(1) if at and at.group(1) else "body"
                 out.append(FieldError(field=key, message=msg))
     return out
 
@@ -251,6 +265,14 @@ def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
         if not errors:
             errors = [FieldError(field="body", message=detail or "invalid value")]
         return problem_response(request, status=422, code="validation_error", errors=errors)
+    if status == 400:
+        text = str(exc.detail or "")
+        looks_like_body = any(
+            w in text.lower() for w in ("json", "truncated", "malformed", "decode")
+        )
+        if looks_like_body or request.method in ("POST", "PUT", "PATCH"):
+            return problem_response(request, status=400, code="malformed_body")
+        return problem_response(request, status=400, code="bad_request", detail=text or None)
     if isinstance(exc, RequestEntityTooLarge):
         code = "body_too_large"
     elif isinstance(exc, NotFoundException):

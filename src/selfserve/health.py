@@ -9,6 +9,7 @@ import msgspec
 from litestar import MediaType, Response, get
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 
 class Health(msgspec.Struct):
@@ -77,6 +78,17 @@ DOCS_HTML = """<!doctype html>
 </body>
 </html>
 """
+
+
+@get(
+    "/metrics",
+    tags=["Operations"],
+    summary="Prometheus metrics (text exposition format)",
+    operation_id="metrics",
+    media_type=CONTENT_TYPE_LATEST,
+)
+async def metrics() -> Response[bytes]:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 @get("/docs", include_in_schema=False, media_type=MediaType.HTML)

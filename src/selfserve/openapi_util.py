@@ -7,7 +7,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from selfserve.errors import PROBLEM_MEDIA_TYPE, Problem
 
 _DESCRIPTIONS: dict[int, str] = {
-    400: "Malformed request body (`malformed_body`).",
+    400: "Malformed JSON body (`malformed_body`).",
     401: "Missing, invalid, expired or revoked token (`unauthorized`, `invalid_token`).",
     403: "Role or branch scope does not allow this (`forbidden`, `branch_forbidden`).",
     404: "Not found, or outside the caller's scope (`not_found`).",
@@ -20,9 +20,12 @@ _DESCRIPTIONS: dict[int, str] = {
 
 
 def problems(*statuses: int, **descriptions: str) -> dict[int, ResponseSpec]:
-    """Response specs for the given error statuses, each an RFC 9457 problem."""
+    """Response specs for the given error statuses, each an RFC 9457 problem.
+
+    400 is always documented: it replaces the framework's default 400 schema, which
+    is not what this API sends."""
     out: dict[int, ResponseSpec] = {}
-    for status in statuses:
+    for status in sorted({400, *statuses}):
         text = descriptions.get(f"s{status}", _DESCRIPTIONS.get(status, "Error."))
         out[status] = ResponseSpec(
             data_container=Problem,
