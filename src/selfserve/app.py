@@ -101,7 +101,9 @@ def create_app(
             if own_pool is not None:
                 await own_pool.close()
 
-    prometheus = PrometheusConfig(app_name="selfserve", group_path=True, exclude=["/metrics"])
+    prometheus = PrometheusConfig(
+        app_name="selfserve", prefix="selfserve", group_path=True, exclude=["/metrics"]
+    )
     static_dir = Path(litestar_offline_docs.__file__).parent / "static"
     state: dict[str, Any] = {"settings": settings, "pool": pool, "redis": redis}
     return Litestar(
