@@ -80,9 +80,16 @@ def cmd_admin_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _production_by_default() -> None:
+    """`serve` and `worker` are the production commands: unless told otherwise they run
+    as production, so a forgotten SELFSERVE_ENV can never mean the built-in dev secret."""
+    os.environ.setdefault("SELFSERVE_ENV", "production")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    _production_by_default()
     settings = load_settings()
     uvicorn.run(
         "selfserve.app:app_factory",
@@ -103,6 +110,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from selfserve.worker import WorkerSettings, redis_settings
 
+    _production_by_default()
     load_settings()
     run_worker(WorkerSettings, redis_settings=redis_settings())  # type: ignore[arg-type]
     return 0
@@ -117,6 +125,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from selfserve.demo import load_demo
     from selfserve.embedded import EmbeddedServices
 
+    os.environ.setdefault("SELFSERVE_ENV", "development")
     settings = load_settings()
     embedded: EmbeddedServices | None = None
     worker: subprocess.Popen[bytes] | None = None
