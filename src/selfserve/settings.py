@@ -89,8 +89,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         missing = [name for name in required if not env.get(name)]
         if missing:
             raise ConfigError("missing required setting(s) for production: " + ", ".join(missing))
-        if algorithm == "HS256" and secret is not None and len(secret) < 32:
-            raise ConfigError("SELFSERVE_JWT_SECRET must be at least 32 characters")
+    if algorithm == "HS256" and secret is not None and len(secret.encode()) < 32:
+        # Any environment: a short HMAC key is guessable (RFC 7518 section 3.2).
+        raise ConfigError("SELFSERVE_JWT_SECRET must be at least 32 bytes")
     if algorithm == "ES256" and not (private_key and public_key):
         raise ConfigError("ES256 needs SELFSERVE_JWT_PRIVATE_KEY and SELFSERVE_JWT_PUBLIC_KEY")
     log_format = env.get("SELFSERVE_LOG_FORMAT", "json" if production else "console")

@@ -6,6 +6,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncpg
+import msgspec
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.handlers.base import BaseRouteHandler
@@ -16,9 +17,18 @@ from selfserve.settings import Settings
 
 Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Coroutine[Any, Any, None]]
 
-_ACTIVE_SQL = {
-    "staff": "SELECT active FROM staff WHERE id = $1",
-    "device": "SELECT active FROM devices WHERE id = $1",
+# Current rights of a token's subject: a token proves identity, but role, branch scope
+# and revocation always come from the database, so changes apply on the next request.
+_CURRENT_SQL = {
+    "staff": """
+        SELECT s.active, s.role,
+               coalesce(array_agg(sb.branch_id ORDER BY sb.branch_id)
+                        FILTER (WHERE sb.branch_id IS NOT NULL), '{}') AS branch_ids
+        FROM staff s LEFT JOIN staff_branches sb ON sb.staff_id = s.id
+        WHERE s.id = $1 GROUP BY s.id
+    """,
+    "device": "SELECT active, 'kiosk' AS role, ARRAY[branch_id] AS branch_ids "
+    "FROM devices WHERE id = $1",
 }
 
 
@@ -39,15 +49,21 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Princi
             code="invalid_token",
             headers={"www-authenticate": 'Bearer error="invalid_token"'},
         ) from None
-    sql = _ACTIVE_SQL.get(principal.kind)
+    sql = _CURRENT_SQL.get(principal.kind)
     if sql is not None:
         pool: asyncpg.Pool = connection.app.state.pool
-        active = await pool.fetchval(sql, principal.id)
-        if not active:
+        row = await pool.fetchrow(sql, principal.id)
+        if row is None or not row["active"]:
             raise Unauthorized(
                 code="invalid_token",
                 headers={"www-authenticate": 'Bearer error="invalid_token"'},
             )
+        role = row["role"]
+        principal = msgspec.structs.replace(
+            principal,
+            role=role,
+            branches=None if role == "admin" else tuple(row["branch_ids"]),
+        )
     connection.scope.setdefault("state", {})["principal"] = principal
     return principal
 

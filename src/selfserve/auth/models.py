@@ -6,7 +6,10 @@ from typing import Annotated, Literal
 
 import msgspec
 
-Email = Annotated[str, msgspec.Meta(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
+# No NUL: PostgreSQL text cannot hold it, so it must be refused as input, not fail in SQL.
+Email = Annotated[
+    str, msgspec.Meta(min_length=3, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+$")
+]
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 
 
@@ -16,7 +19,7 @@ class StaffLogin(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class DeviceLogin(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    device_id: Annotated[int, msgspec.Meta(ge=1)]
+    device_id: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]  # a PostgreSQL bigint
     secret: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 
 
