@@ -50,14 +50,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return Path(self.data_dir)
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
 
 
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -112,7 +115,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         public_base_url=env.get("SELFSERVE_PUBLIC_BASE_URL", "http://127.0.0.1:8000").rstrip("/"),
         cors_origins=_list(env, "SELFSERVE_CORS_ORIGINS"),
         max_body_bytes=_int(env, "SELFSERVE_MAX_BODY_BYTES", 1_048_576),
-        db_pool_min=_int(env, "SELFSERVE_DB_POOL_MIN", 1),
+        db_pool_min=_int(env, "SELFSERVE_DB_POOL_MIN", 1, minimum=0),
         db_pool_max=_int(env, "SELFSERVE_DB_POOL_MAX", 10),
         data_dir=env.get("SELFSERVE_DATA_DIR", ".selfserve"),
         log_format=log_format,

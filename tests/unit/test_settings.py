@@ -117,3 +117,13 @@ def test_non_integer_ttl_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="SELFSERVE_ACCESS_TOKEN_TTL"):
         load_settings({"SELFSERVE_ACCESS_TOKEN_TTL": "15m"})
     assert load_settings({"SELFSERVE_ACCESS_TOKEN_TTL": "300"}).access_token_ttl_s == 300
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["SELFSERVE_ACCESS_TOKEN_TTL", "SELFSERVE_REFRESH_TOKEN_TTL", "SELFSERVE_MAX_BODY_BYTES"],
+)
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_non_positive_sizes_and_lifetimes_are_refused(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: value})
