@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
 
+import asyncpg
 import msgspec
 import structlog
 from litestar import Request, Response
@@ -246,10 +247,14 @@ def _validation_errors(extra: Any) -> list[FieldError]:
                 unknown = _UNKNOWN_FIELD.search(msg)
                 at = _AT_PATH.search(msg)
                 if unknown:
-                    prefix = at.group(1) if at and at.group(1) else ""
+                    # Litestar puts a nested object's path in `key` and drops the " - at".
+                    nested = "" if key in ("data", "body") else key
+                    prefix = at.group(1) if at and at.group(1) else nested
                     key = f"{prefix}.{unknown.group(1)}" if prefix else unknown.group(1)
                 elif key == "data":
                     key = at.group(1) if at and at.group(1) else "body"
+                    if msg == "'data'":  # the body was empty
+                        msg = "a JSON body is required"
                 out.append(FieldError(field=key, message=msg))
     return out
 
@@ -297,9 +302,33 @@ def _internal_handler(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return problem_response(request, status=500, code="internal_error")
 
 
+_UNSTORABLE = (
+    asyncpg.exceptions.CharacterNotInRepertoireError,  # NUL in text
+    asyncpg.exceptions.UntranslatableCharacterError,  # \u0000 in jsonb
+)
+
+
+def _data_handler(request: Request[Any, Any, Any], exc: asyncpg.DataError) -> Response[Problem]:
+    """A client value PostgreSQL cannot hold is bad input (422), not a server fault."""
+    text = str(exc)
+    encoding = text.startswith("invalid input for query argument") and (
+        "out of" in text or "surrogates not allowed" in text
+    )
+    if isinstance(exc, _UNSTORABLE) or encoding:
+        # asyncpg could not encode an argument: a number or date out of range, a bad character
+        return problem_response(
+            request,
+            status=422,
+            code="validation_error",
+            errors=[FieldError("body", "contains a value that cannot be stored")],
+        )
+    return _internal_handler(request, exc)
+
+
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     DomainError: _domain_handler,
     HTTPException: _http_handler,
+    asyncpg.DataError: _data_handler,
     Exception: _internal_handler,
 }
 

@@ -9,9 +9,12 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+# Ids and money are PostgreSQL bigint: anything larger is bad input, never a 500.
+MAX_BIGINT = 2**63 - 1
+
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
 Text = Annotated[str, Meta(max_length=2000)]
-Id = Annotated[int, Meta(ge=1)]
+Id = Annotated[int, Meta(ge=1, le=MAX_BIGINT)]
 Weekday = Annotated[int, Meta(ge=1, le=7, description="ISO weekday: 1 = Monday … 7 = Sunday")]
 ClockTime = Annotated[
     str,
@@ -23,7 +26,9 @@ ClockTime = Annotated[
 ]
 AwareDatetime = Annotated[datetime, Meta(tz=True, description="RFC 3339 with an offset")]
 Minutes = Annotated[int, Meta(ge=0, le=100_000)]
-Money = Annotated[int, Meta(ge=0, description="Integer minor units (e.g. fen, pence)")]
+Money = Annotated[
+    int, Meta(ge=0, le=MAX_BIGINT, description="Integer minor units (e.g. fen, pence)")
+]
 Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
 Timezone = Annotated[str, Meta(min_length=1, max_length=64, description="IANA time zone")]
 Phone = Annotated[str, Meta(max_length=32)]

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from selfserve.catalog.models import MAX_BIGINT
 from selfserve.db import Conn
 from selfserve.errors import InvalidInput
 
@@ -73,9 +74,13 @@ RETURNING {DEVICE_COLUMNS}
 INSERT_STAFF = (
     "INSERT INTO staff (email, name, password_hash, role) VALUES ($1, $2, $3, $4) RETURNING id"
 )
+# Both parts see the same snapshot, so rows that stay are kept, not deleted and re-inserted.
 SET_STAFF_BRANCHES = """
-WITH gone AS (DELETE FROM staff_branches WHERE staff_id = $1)
+WITH gone AS (
+    DELETE FROM staff_branches WHERE staff_id = $1 AND NOT branch_id = ANY($2::bigint[])
+)
 INSERT INTO staff_branches (staff_id, branch_id) SELECT $1, unnest($2::bigint[])
+ON CONFLICT DO NOTHING
 """
 
 # Services named as skills must exist, be active and belong to the resource's branch.
@@ -101,7 +106,7 @@ def decode_cursor(cursor: str | None) -> int:
         value = int(base64.urlsafe_b64decode(padded.encode()).decode())
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput.field("cursor", "not a cursor this API issued") from None
-    if value < 0:
+    if not 0 <= value <= MAX_BIGINT:
         raise InvalidInput.field("cursor", "not a cursor this API issued")
     return value
 

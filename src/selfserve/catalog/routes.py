@@ -6,11 +6,12 @@ from typing import Annotated
 
 from litestar import Controller, Router, get, patch, post
 from litestar.di import Provide
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from selfserve.auth.guards import ADMIN_READERS, ADMIN_WRITERS, Caller, provide_principal, require
 from selfserve.catalog import service as svc
 from selfserve.catalog.models import (
+    MAX_BIGINT,
     Branch,
     BranchCreate,
     BranchPage,
@@ -40,9 +41,12 @@ from selfserve.catalog.models import (
 from selfserve.context import DbPool
 from selfserve.openapi_util import problems
 
+PathId = Annotated[int, PathParameter(le=MAX_BIGINT)]
 Limit = Annotated[int, QueryParameter(ge=1, le=200, description="Page size (max 200)")]
 Cursor = Annotated[str | None, QueryParameter(description="`next_cursor` of the previous page")]
-BranchFilter = Annotated[int | None, QueryParameter(ge=1, description="Only this branch")]
+BranchFilter = Annotated[
+    int | None, QueryParameter(ge=1, le=MAX_BIGINT, description="Only this branch")
+]
 Inactive = Annotated[bool, QueryParameter(description="Include deactivated records")]
 
 READ_ERRORS = problems(401, 403, 422)
@@ -71,7 +75,7 @@ class PublicCatalogueController(Controller):
     @get(
         "/{branch_id:int}", operation_id="getBranch", summary="One branch", responses=problems(404)
     )
-    async def get_branch(self, pool: DbPool, branch_id: FromPath[int]) -> Branch:
+    async def get_branch(self, pool: DbPool, branch_id: PathId) -> Branch:
         return await svc.get_branch(pool, branch_id, public=True)
 
     @get(
@@ -81,7 +85,7 @@ class PublicCatalogueController(Controller):
         responses=problems(404, 422),
     )
     async def list_branch_services(
-        self, pool: DbPool, branch_id: FromPath[int], limit: Limit = 50, cursor: Cursor = None
+        self, pool: DbPool, branch_id: PathId, limit: Limit = 50, cursor: Cursor = None
     ) -> ServicePage:
         await svc.get_branch(pool, branch_id, public=True)
         items, nxt = await svc.list_services(
@@ -139,7 +143,7 @@ class AdminBranchController(Controller):
         summary="One branch",
         responses=ONE_ERRORS,
     )
-    async def get(self, pool: DbPool, principal: Caller, branch_id: FromPath[int]) -> Branch:
+    async def get(self, pool: DbPool, principal: Caller, branch_id: PathId) -> Branch:
         return await svc.get_branch(pool, branch_id, principal=principal)
 
     @patch(
@@ -153,7 +157,7 @@ class AdminBranchController(Controller):
         self,
         pool: DbPool,
         principal: Caller,
-        branch_id: FromPath[int],
+        branch_id: PathId,
         data: JSONBody[BranchUpdate],
     ) -> Branch:
         return await svc.update_branch(pool, principal, branch_id, data)
@@ -166,7 +170,7 @@ class AdminBranchController(Controller):
         responses=ONE_ERRORS,
         guards=[require("admin")],
     )
-    async def deactivate(self, pool: DbPool, principal: Caller, branch_id: FromPath[int]) -> Branch:
+    async def deactivate(self, pool: DbPool, principal: Caller, branch_id: PathId) -> Branch:
         return await svc.deactivate_branch(pool, principal, branch_id)
 
 
@@ -214,7 +218,7 @@ class AdminServiceController(Controller):
         summary="One service",
         responses=ONE_ERRORS,
     )
-    async def get(self, pool: DbPool, principal: Caller, service_id: FromPath[int]) -> Service:
+    async def get(self, pool: DbPool, principal: Caller, service_id: PathId) -> Service:
         return await svc.get_service(pool, service_id, principal)
 
     @patch(
@@ -228,7 +232,7 @@ class AdminServiceController(Controller):
         self,
         pool: DbPool,
         principal: Caller,
-        service_id: FromPath[int],
+        service_id: PathId,
         data: JSONBody[ServiceUpdate],
     ) -> Service:
         return await svc.update_service(pool, principal, service_id, data)
@@ -241,9 +245,7 @@ class AdminServiceController(Controller):
         responses=ONE_ERRORS,
         guards=[require(*ADMIN_WRITERS)],
     )
-    async def deactivate(
-        self, pool: DbPool, principal: Caller, service_id: FromPath[int]
-    ) -> Service:
+    async def deactivate(self, pool: DbPool, principal: Caller, service_id: PathId) -> Service:
         return await svc.deactivate_service(pool, principal, service_id)
 
 
@@ -293,7 +295,7 @@ class AdminResourceController(Controller):
         summary="One resource",
         responses=ONE_ERRORS,
     )
-    async def get(self, pool: DbPool, principal: Caller, resource_id: FromPath[int]) -> Resource:
+    async def get(self, pool: DbPool, principal: Caller, resource_id: PathId) -> Resource:
         return await svc.get_resource(pool, principal, resource_id)
 
     @patch(
@@ -307,7 +309,7 @@ class AdminResourceController(Controller):
         self,
         pool: DbPool,
         principal: Caller,
-        resource_id: FromPath[int],
+        resource_id: PathId,
         data: JSONBody[ResourceUpdate],
     ) -> Resource:
         return await svc.update_resource(pool, principal, resource_id, data)
@@ -320,9 +322,7 @@ class AdminResourceController(Controller):
         responses=ONE_ERRORS,
         guards=[require(*ADMIN_WRITERS)],
     )
-    async def deactivate(
-        self, pool: DbPool, principal: Caller, resource_id: FromPath[int]
-    ) -> Resource:
+    async def deactivate(self, pool: DbPool, principal: Caller, resource_id: PathId) -> Resource:
         return await svc.deactivate_resource(pool, principal, resource_id)
 
 
@@ -358,7 +358,7 @@ class AdminScheduleController(Controller):
         pool: DbPool,
         principal: Caller,
         branch_id: BranchFilter = None,
-        resource_id: Annotated[int | None, QueryParameter(ge=1)] = None,
+        resource_id: Annotated[int | None, QueryParameter(ge=1, le=MAX_BIGINT)] = None,
         limit: Limit = 50,
         cursor: Cursor = None,
         include_inactive: Inactive = False,
@@ -380,7 +380,7 @@ class AdminScheduleController(Controller):
         summary="One schedule entry",
         responses=ONE_ERRORS,
     )
-    async def get(self, pool: DbPool, principal: Caller, schedule_id: FromPath[int]) -> Schedule:
+    async def get(self, pool: DbPool, principal: Caller, schedule_id: PathId) -> Schedule:
         return await svc.get_schedule(pool, principal, schedule_id)
 
     @patch(
@@ -394,7 +394,7 @@ class AdminScheduleController(Controller):
         self,
         pool: DbPool,
         principal: Caller,
-        schedule_id: FromPath[int],
+        schedule_id: PathId,
         data: JSONBody[ScheduleUpdate],
     ) -> Schedule:
         return await svc.update_schedule(pool, principal, schedule_id, data)
@@ -407,9 +407,7 @@ class AdminScheduleController(Controller):
         responses=ONE_ERRORS,
         guards=[require(*ADMIN_WRITERS)],
     )
-    async def deactivate(
-        self, pool: DbPool, principal: Caller, schedule_id: FromPath[int]
-    ) -> Schedule:
+    async def deactivate(self, pool: DbPool, principal: Caller, schedule_id: PathId) -> Schedule:
         return await svc.deactivate_schedule(pool, principal, schedule_id)
 
 
@@ -457,7 +455,7 @@ class AdminDeviceController(Controller):
         summary="One device",
         responses=ONE_ERRORS,
     )
-    async def get(self, pool: DbPool, principal: Caller, device_id: FromPath[int]) -> Device:
+    async def get(self, pool: DbPool, principal: Caller, device_id: PathId) -> Device:
         return await svc.get_device(pool, principal, device_id)
 
     @patch(
@@ -470,7 +468,7 @@ class AdminDeviceController(Controller):
         self,
         pool: DbPool,
         principal: Caller,
-        device_id: FromPath[int],
+        device_id: PathId,
         data: JSONBody[DeviceUpdate],
     ) -> Device:
         return await svc.update_device(pool, principal, device_id, data)
@@ -483,7 +481,7 @@ class AdminDeviceController(Controller):
         description="Its tokens stop working at once.",
         responses=ONE_ERRORS,
     )
-    async def deactivate(self, pool: DbPool, principal: Caller, device_id: FromPath[int]) -> Device:
+    async def deactivate(self, pool: DbPool, principal: Caller, device_id: PathId) -> Device:
         return await svc.deactivate_device(pool, principal, device_id)
 
 
@@ -528,7 +526,7 @@ class AdminStaffController(Controller):
     @get(
         "/{staff_id:int}", operation_id="adminGetStaff", summary="One account", responses=ONE_ERRORS
     )
-    async def get(self, pool: DbPool, principal: Caller, staff_id: FromPath[int]) -> StaffAccount:
+    async def get(self, pool: DbPool, principal: Caller, staff_id: PathId) -> StaffAccount:
         return await svc.get_staff(pool, principal, staff_id)
 
     @patch(
@@ -539,7 +537,7 @@ class AdminStaffController(Controller):
         responses=WRITE_ERRORS,
     )
     async def update(
-        self, pool: DbPool, principal: Caller, staff_id: FromPath[int], data: JSONBody[StaffUpdate]
+        self, pool: DbPool, principal: Caller, staff_id: PathId, data: JSONBody[StaffUpdate]
     ) -> StaffAccount:
         return await svc.update_staff(pool, principal, staff_id, data)
 
@@ -551,9 +549,7 @@ class AdminStaffController(Controller):
         description="Its tokens stop working at once.",
         responses={**ONE_ERRORS, **problems(409)},
     )
-    async def deactivate(
-        self, pool: DbPool, principal: Caller, staff_id: FromPath[int]
-    ) -> StaffAccount:
+    async def deactivate(self, pool: DbPool, principal: Caller, staff_id: PathId) -> StaffAccount:
         return await svc.deactivate_staff(pool, principal, staff_id)
 
 
