@@ -229,6 +229,19 @@ async def _branch_for_write(conn: Conn, principal: Principal, branch_id: int) ->
         )
 
 
+async def _lock_for_write(conn: Conn, principal: Principal, table: str, row_id: int) -> int:
+    """Lock a branch-owned row for update; missing or out of scope looks the same (404),
+    in scope but not writable is 403."""
+    branch_id: int | None = await conn.fetchval(
+        f"SELECT branch_id FROM {table} WHERE id = $1 FOR UPDATE", row_id
+    )
+    if branch_id is None:
+        raise NotFound()
+    ensure_visible(principal, branch_id)
+    ensure_can_write(principal, branch_id)
+    return branch_id
+
+
 # --- services ----------------------------------------------------------------
 
 
@@ -340,13 +353,7 @@ async def update_service(
 
 async def deactivate_service(pool: asyncpg.Pool, principal: Principal, service_id: int) -> Service:
     async with transaction(pool) as conn:
-        branch_id = await conn.fetchval(
-            "SELECT branch_id FROM services WHERE id = $1 FOR UPDATE", service_id
-        )
-        if branch_id is None:
-            raise NotFound()
-        ensure_visible(principal, branch_id)
-        ensure_can_write(principal, branch_id)
+        await _lock_for_write(conn, principal, "services", service_id)
         row = await conn.fetchrow(
             f"UPDATE services SET active = false, updated_at = now() WHERE id = $1 "
             f"RETURNING {q.SERVICE_COLUMNS}",
@@ -428,13 +435,7 @@ async def update_resource(
     changes = _changes(data)
     skills = changes.pop("skills", None)
     async with transaction(pool) as conn:
-        branch_id = await conn.fetchval(
-            "SELECT branch_id FROM resources WHERE id = $1 FOR UPDATE", resource_id
-        )
-        if branch_id is None:
-            raise NotFound()
-        ensure_visible(principal, branch_id)
-        ensure_can_write(principal, branch_id)
+        branch_id = await _lock_for_write(conn, principal, "resources", resource_id)
         await q.update_columns(conn, "resources", resource_id, changes)
         if skills is not None:
             await _check_skills(conn, branch_id, skills)
@@ -453,13 +454,7 @@ async def deactivate_resource(
     pool: asyncpg.Pool, principal: Principal, resource_id: int
 ) -> Resource:
     async with transaction(pool) as conn:
-        branch_id = await conn.fetchval(
-            "SELECT branch_id FROM resources WHERE id = $1 FOR UPDATE", resource_id
-        )
-        if branch_id is None:
-            raise NotFound()
-        ensure_visible(principal, branch_id)
-        ensure_can_write(principal, branch_id)
+        await _lock_for_write(conn, principal, "resources", resource_id)
         await conn.execute(
             "UPDATE resources SET active = false, updated_at = now() WHERE id = $1", resource_id
         )
@@ -722,13 +717,7 @@ async def update_device(
     pool: asyncpg.Pool, principal: Principal, device_id: int, data: DeviceUpdate
 ) -> Device:
     async with transaction(pool) as conn:
-        branch_id = await conn.fetchval(
-            "SELECT branch_id FROM devices WHERE id = $1 FOR UPDATE", device_id
-        )
-        if branch_id is None:
-            raise NotFound()
-        ensure_visible(principal, branch_id)
-        ensure_can_write(principal, branch_id)
+        await _lock_for_write(conn, principal, "devices", device_id)
         await q.update_columns(conn, "devices", device_id, _changes(data))
         row = await conn.fetchrow(
             f"SELECT {q.DEVICE_COLUMNS} FROM devices WHERE id = $1", device_id
@@ -739,13 +728,7 @@ async def update_device(
 async def deactivate_device(pool: asyncpg.Pool, principal: Principal, device_id: int) -> Device:
     """Revoke a device: its access tokens stop at once, its refresh tokens are revoked."""
     async with transaction(pool) as conn:
-        branch_id = await conn.fetchval(
-            "SELECT branch_id FROM devices WHERE id = $1 FOR UPDATE", device_id
-        )
-        if branch_id is None:
-            raise NotFound()
-        ensure_visible(principal, branch_id)
-        ensure_can_write(principal, branch_id)
+        await _lock_for_write(conn, principal, "devices", device_id)
         row = await conn.fetchrow(
             "UPDATE devices SET active = false, revoked_at = coalesce(revoked_at, now()), "
             f"updated_at = now() WHERE id = $1 RETURNING {q.DEVICE_COLUMNS}",
