@@ -8,7 +8,6 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
@@ -16,6 +15,8 @@ import asyncpg
 import msgspec
 import structlog
 from asyncpg.pool import PoolConnectionProxy
+
+from selfserve.paths import project_dir
 
 log = structlog.get_logger("selfserve.db")
 
@@ -73,11 +74,7 @@ class MigrationError(Exception):
 
 
 def migrations_dir() -> Path:
-    """Packaged migrations (wheel install) or the repository's `migrations/`."""
-    packaged = Path(str(resources.files("selfserve"))) / "_data" / "migrations"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[2] / "migrations"
+    return project_dir("migrations")
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:

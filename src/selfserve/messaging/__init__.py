@@ -1,0 +1,1 @@
+"""Messaging: SMS templates, the outbox, the Twilio transport, inbound SMS."""
