@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -44,11 +45,16 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from selfserve import db
+    from selfserve.logs import configure_logging
 
     settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)  # logs to stderr
     if not settings.database_url:
         return _fail("DATABASE_URL is not set")
-    applied = asyncio.run(db.migrate_url(settings.database_url))
+    try:
+        applied = asyncio.run(db.migrate_url(settings.database_url))
+    except db.MigrationError as exc:
+        return _fail(f"migration failed: {exc}")
     print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
     return 0
 
@@ -117,7 +123,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    import asyncpg
     import uvicorn
 
     from selfserve import db
@@ -127,6 +132,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("SELFSERVE_ENV", "development")
     settings = load_settings()
+    # SIGTERM stops `dev` the way Ctrl-C does, so the cleanup below always runs.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     embedded: EmbeddedServices | None = None
     worker: subprocess.Popen[bytes] | None = None
     try:
@@ -149,12 +156,14 @@ def cmd_dev(args: argparse.Namespace) -> int:
         )
 
         async def prepare() -> Any:
-            conn = await asyncpg.connect(settings.database_url)
+            # A pool connection carries the JSON codecs the demo data relies on.
+            pool = await db.create_pool(database_url, min_size=1, max_size=1)
             try:
-                await db.migrate(conn)
-                return await load_demo(conn)
+                async with pool.acquire() as conn:
+                    await db.migrate(conn)
+                    return await load_demo(conn)
             finally:
-                await conn.close()
+                await pool.close()
 
         creds = asyncio.run(prepare())
         creds_file = settings.data_path / "demo-credentials.json"
@@ -186,11 +195,18 @@ def cmd_dev(args: argparse.Namespace) -> int:
             log_level="warning",
             lifespan="on",
         )
-        uvicorn.Server(config).run()
+        # Ctrl-C (or SIGTERM) after uvicorn's graceful shutdown is the normal way out.
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.Server(config).run()
         return 0
     except ConfigError as exc:
         return _fail(str(exc))
+    except db.MigrationError as exc:
+        return _fail(f"migration failed: {exc}")
     finally:
+        # A second Ctrl-C must not leave the embedded servers running: cleanup is bounded.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGINT)
             try:

