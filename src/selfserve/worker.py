@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from arq import cron
+from arq import cron, func
 from arq.connections import RedisSettings
 
 from selfserve import db
 from selfserve.logs import configure_logging
+from selfserve.messaging.service import (
+    SEND_JOB,
+    SEND_JOB_MAX_TRIES,
+    SEND_JOB_TIMEOUT_S,
+    send_message,
+    sweep_outbox,
+)
+from selfserve.messaging.transport import build_transport
 from selfserve.settings import ConfigError, load_settings
 
 PURGE_REFRESH_TOKENS = """
@@ -33,9 +41,13 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["pool"] = await db.create_pool(
         settings.database_url, min_size=1, max_size=settings.db_pool_max
     )
+    ctx["sms"] = build_transport(settings)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    sms = ctx.pop("sms", None)
+    if sms is not None:
+        await sms.close()
     pool = ctx.get("pool")
     if pool is not None:
         await pool.close()
@@ -49,8 +61,24 @@ def redis_settings() -> RedisSettings:
 
 
 class WorkerSettings:
-    functions = [purge_refresh_tokens]
-    cron_jobs = [cron(purge_refresh_tokens, hour=3, minute=17, run_at_startup=False)]
+    functions = [
+        purge_refresh_tokens,
+        # keep_result=0: a finished send frees its job id (`message:<id>`) at once, so
+        # the sweep can enqueue the row again after a crash or a move.
+        func(
+            send_message,
+            name=SEND_JOB,
+            keep_result=0,
+            max_tries=SEND_JOB_MAX_TRIES,
+            timeout=SEND_JOB_TIMEOUT_S,
+        ),
+        func(sweep_outbox, max_tries=1, timeout=300),
+    ]
+    cron_jobs = [
+        cron(purge_refresh_tokens, hour=3, minute=17, run_at_startup=False),
+        # Every minute, and once at start: whatever Redis lost is enqueued again.
+        cron(sweep_outbox, second=0, run_at_startup=True, timeout=300),
+    ]
     on_startup = startup
     on_shutdown = shutdown
     max_tries = 5
