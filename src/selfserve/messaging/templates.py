@@ -33,6 +33,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "opt_out_reply": frozenset(),
     "opt_in_reply": frozenset(),
     "help_reply": frozenset(),
+    "received_reply": frozenset(),
 }
 
 # GSM 03.38 default alphabet; the extension table costs two septets per character.
