@@ -14,17 +14,20 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.static_files import create_static_files_router
 
 from selfserve import __version__, db
-from selfserve.auth.routes import AuthController
+from selfserve.auth.routes import AuthController, MeController
 from selfserve.catalog.routes import ROUTERS as CATALOG_ROUTERS
 from selfserve.context import DEPENDENCIES
 from selfserve.errors import EXCEPTION_HANDLERS
 from selfserve.health import docs, health, metrics, ready
 from selfserve.logs import configure_logging
+from selfserve.messaging.log import MessageLogController
+from selfserve.messaging.webhooks import TwilioWebhookController
 from selfserve.middleware import request_id_middleware
 from selfserve.settings import ConfigError, Settings, load_settings
 
@@ -38,6 +41,7 @@ TAGS = [
     Tag(name="Admin: schedules", description="Weekly shifts and dated exceptions."),
     Tag(name="Admin: devices", description="Kiosk devices and their secrets."),
     Tag(name="Admin: staff", description="Staff, manager and admin accounts."),
+    Tag(name="SMS (Twilio)", description="Signed Twilio webhooks: inbound SMS and delivery."),
 ]
 
 
@@ -48,7 +52,16 @@ def openapi_config() -> OpenAPIConfig:
         description="24/7 self-service: appointments, walk-in queues, SMS, payments and "
         "insight for service halls. Errors are RFC 9457 problem documents with a stable `code`.",
         path="/schema",
-        render_plugins=[],
+        # Every renderer uses the assets this app serves itself: no CDN, works offline.
+        render_plugins=[
+            SwaggerRenderPlugin(
+                js_url="/docs/static/swagger-ui-bundle.js",
+                css_url="/docs/static/swagger-ui.css",
+                standalone_preset_js_url="/docs/static/swagger-ui-standalone-preset.js",
+                favicon="",
+                path="/swagger",
+            )
+        ],
         tags=TAGS,
         components=Components(
             security_schemes={
@@ -119,6 +132,9 @@ def create_app(
                 name="docs-static",
             ),
             AuthController,
+            MeController,
+            TwilioWebhookController,
+            MessageLogController,
             *CATALOG_ROUTERS,
         ],
         dependencies=DEPENDENCIES,

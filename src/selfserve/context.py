@@ -8,6 +8,7 @@ import asyncpg
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 
+from selfserve.auth.guards import provide_principal
 from selfserve.settings import Settings
 
 
@@ -26,6 +27,7 @@ def provide_redis(state: State) -> Any:
 
 
 DEPENDENCIES = {
+    "principal": Provide(provide_principal),
     "pool": Provide(provide_pool, sync_to_thread=False),
     "settings": Provide(provide_settings, sync_to_thread=False),
     "redis": Provide(provide_redis, sync_to_thread=False),

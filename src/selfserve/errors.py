@@ -86,6 +86,13 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "service_unavailable": ("A dependency is unavailable.", "依赖服务暂不可用。"),
     "internal_error": ("Something went wrong on our side.", "服务器内部错误。"),
+    "invalid_code": ("The code is wrong or was already used.", "验证码错误或已使用。"),
+    "code_expired": ("The code has expired; ask for a new one.", "验证码已过期，请重新获取。"),
+    "code_locked": (
+        "Too many wrong tries; ask for a new code.",
+        "错误次数过多，请重新获取验证码。",
+    ),
+    "invalid_signature": ("The request signature is not valid.", "请求签名无效。"),
     "rate_limited": ("Too many requests; try again later.", "请求过于频繁，请稍后再试。"),
 }
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
 DEV_JWT_SECRET = "selfserve-dev-secret-change-me-0123456789abcdef"  # noqa: S105
+CLOCK = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 
 
 class ConfigError(Exception):
@@ -40,6 +44,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     twilio_from: str | None = None
     twilio_api_base_url: str = "https://api.twilio.com"
     trusted_proxies: tuple[str, ...] = ()
+    otp_resend_after_s: int = 60
+    otp_per_phone_hour: int = 5
+    otp_per_client_hour: int = 20
+    sms_daily_budget: int = 10_000
+    # No SMS between these local wall times (branch zone, else quiet_hours_tz) unless
+    # the message is time-critical; equal start and end switch quiet hours off.
+    quiet_hours_start: str = "21:00"
+    quiet_hours_end: str = "08:00"
+    quiet_hours_tz: str = "Asia/Shanghai"
+    # A message claimed for sending longer ago than this is presumed abandoned by a
+    # crashed worker and claimed again. Must exceed the send job's timeout.
+    sms_send_lease_s: int = 300
 
     @property
     def is_production(self) -> bool:
@@ -66,6 +82,34 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     raw = env.get(name, "")
     return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _clock(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name) or default
+    if not CLOCK.match(value):
+        raise ConfigError(f"{name} must be a 24-hour time HH:MM, got {value!r}")
+    return value
+
+
+def _zone(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name) or default
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{name} must be an IANA time zone, got {value!r}") from None
+    return value
+
+
+def _proxies(env: Mapping[str, str]) -> tuple[str, ...]:
+    proxies = _list(env, "SELFSERVE_TRUSTED_PROXIES")
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"SELFSERVE_TRUSTED_PROXIES: {proxy!r} is not an IP address or network"
+            ) from None
+    return proxies
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -126,5 +170,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         twilio_api_base_url=env.get(
             "SELFSERVE_TWILIO_API_BASE_URL", "https://api.twilio.com"
         ).rstrip("/"),
-        trusted_proxies=_list(env, "SELFSERVE_TRUSTED_PROXIES"),
+        trusted_proxies=_proxies(env),
+        otp_resend_after_s=_int(env, "SELFSERVE_OTP_RESEND_AFTER", 60),
+        otp_per_phone_hour=_int(env, "SELFSERVE_OTP_PER_PHONE_HOUR", 5),
+        otp_per_client_hour=_int(env, "SELFSERVE_OTP_PER_CLIENT_HOUR", 20),
+        sms_daily_budget=_int(env, "SELFSERVE_SMS_DAILY_BUDGET", 10_000, minimum=0),
+        quiet_hours_start=_clock(env, "SELFSERVE_QUIET_HOURS_START", "21:00"),
+        quiet_hours_end=_clock(env, "SELFSERVE_QUIET_HOURS_END", "08:00"),
+        quiet_hours_tz=_zone(env, "SELFSERVE_QUIET_HOURS_TZ", "Asia/Shanghai"),
+        sms_send_lease_s=_int(env, "SELFSERVE_SMS_SEND_LEASE", 300, minimum=120),
     )

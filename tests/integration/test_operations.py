@@ -101,3 +101,19 @@ async def test_cors_origins_come_from_settings(
         other = await c.get("/v1/branches", headers={"origin": "https://evil.example"})
     assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
     assert "access-control-allow-origin" not in other.headers
+
+
+async def test_every_docs_page_uses_only_local_assets(client: httpx.AsyncClient) -> None:
+    import re
+
+    for path in ("/docs", "/schema", "/schema/swagger"):
+        page = await client.get(path)
+        assert page.status_code == 200, path
+        urls = re.findall(r"""(?:src|href)=["']([^"']+)""", page.text)
+        assert urls, path
+        for url in urls:
+            assert url.startswith("/"), (path, url)
+            assert (await client.get(url)).status_code == 200, url
+    # Renderers that would pull scripts from a CDN are not served at all.
+    for path in ("/schema/redoc", "/schema/elements", "/schema/rapidoc"):
+        assert (await client.get(path)).status_code == 404

@@ -35,3 +35,24 @@ class TokenPair(msgspec.Struct, kw_only=True):
     role: str
     channel: str
     branch_ids: list[int] | None
+
+
+class CodeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    phone: Annotated[str, msgspec.Meta(min_length=3, max_length=32, examples=["+8613800138000"])]
+
+
+class CodeSent(msgspec.Struct, kw_only=True):
+    expires_in: int
+
+
+class CodeExchange(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    phone: Annotated[str, msgspec.Meta(min_length=3, max_length=32)]
+    code: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{6}$")]
+    channel: Literal["app", "mini_program", "web"]
+
+
+class Me(msgspec.Struct, kw_only=True):
+    id: int
+    phone: str
+    locale: str
+    sms_opted_out: bool

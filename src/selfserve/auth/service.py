@@ -73,7 +73,7 @@ def _principal_for_staff(row: asyncpg.Record) -> Principal:
     )
 
 
-async def _issue(
+async def issue_tokens(
     conn: Conn,
     settings: Settings,
     principal: Principal,
@@ -115,7 +115,7 @@ async def staff_login(
                     row["id"],
                     hash_password(password),
                 )
-            return await _issue(conn, settings, _principal_for_staff(row))
+            return await issue_tokens(conn, settings, _principal_for_staff(row))
 
 
 async def device_login(
@@ -138,7 +138,7 @@ async def device_login(
             channel="kiosk",
             branches=(row["branch_id"],),
         )
-        return await _issue(conn, settings, principal)
+        return await issue_tokens(conn, settings, principal)
 
 
 async def _reload_principal(
@@ -184,7 +184,7 @@ async def refresh(pool: asyncpg.Pool, settings: Settings, token: str) -> TokenPa
                 if principal is None:
                     await conn.execute(REVOKE_FAMILY, spent["family_id"])
                 else:
-                    return await _issue(conn, settings, principal, spent["family_id"])
+                    return await issue_tokens(conn, settings, principal, spent["family_id"])
         if spent is not None:
             raise Unauthorized(code="invalid_refresh_token")
         known = await conn.fetchrow(FIND_REFRESH, token_hash)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import Controller, Router, get, patch, post
-from litestar.di import Provide
 from litestar.params import JSONBody, PathParameter, QueryParameter
 
-from selfserve.auth.guards import ADMIN_READERS, ADMIN_WRITERS, Caller, provide_principal, require
+from selfserve.auth.guards import ADMIN_READERS, ADMIN_WRITERS, Caller, require
 from selfserve.catalog import service as svc
 from selfserve.catalog.models import (
     MAX_BIGINT,
@@ -565,6 +564,5 @@ ROUTERS: list[type[Controller] | Router] = [
             AdminDeviceController,
             AdminStaffController,
         ],
-        dependencies={"principal": Provide(provide_principal)},
     ),
 ]
