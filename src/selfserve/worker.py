@@ -32,6 +32,15 @@ async def purge_refresh_tokens(ctx: dict[str, Any]) -> int:
     return int(result.split()[-1])
 
 
+async def purge_early_status_callbacks(ctx: dict[str, Any]) -> int:
+    """Drop delivery callbacks kept a day for a send that never recorded their sid
+    (e.g. messages another system sent from the same Twilio account)."""
+    result: str = await ctx["pool"].execute(
+        "DELETE FROM sms_status_early WHERE received_at < now() - interval '1 day'"
+    )
+    return int(result.split()[-1])
+
+
 async def startup(ctx: dict[str, Any]) -> None:
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
@@ -63,6 +72,7 @@ def redis_settings() -> RedisSettings:
 class WorkerSettings:
     functions = [
         purge_refresh_tokens,
+        purge_early_status_callbacks,
         # keep_result=0: a finished send frees its job id (`message:<id>`) at once, so
         # the sweep can enqueue the row again after a crash or a move.
         func(
@@ -76,6 +86,7 @@ class WorkerSettings:
     ]
     cron_jobs = [
         cron(purge_refresh_tokens, hour=3, minute=17, run_at_startup=False),
+        cron(purge_early_status_callbacks, minute=41, run_at_startup=False),
         # Every minute, and once at start: whatever Redis lost is enqueued again.
         cron(sweep_outbox, second=0, run_at_startup=True, timeout=300),
     ]

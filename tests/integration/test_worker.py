@@ -67,3 +67,29 @@ async def test_purge_job_runs_through_redis_and_keeps_live_tokens(
     assert w.jobs_failed == 0
     assert await job.result(timeout=5) == 2
     assert await pool.fetchval("SELECT count(*) FROM refresh_tokens") == 2
+
+
+async def test_stale_early_status_callbacks_are_purged(
+    worker_env: ModuleEnv, pool: asyncpg.Pool, redis: ArqRedis
+) -> None:
+    await pool.execute(
+        "INSERT INTO sms_status_early (provider_sid, status, rank, received_at) VALUES "
+        "('SMold', 'delivered', 3, now() - interval '2 days'), ('SMnew', 'delivered', 3, now())"
+    )
+    job = await redis.enqueue_job("purge_early_status_callbacks")
+    assert job is not None
+    w = Worker(
+        functions=worker_module.WorkerSettings.functions,
+        on_startup=worker_module.startup,
+        on_shutdown=worker_module.shutdown,
+        redis_settings=RedisSettings.from_dsn(worker_env.redis_url),
+        burst=True,
+        poll_delay=0,
+        handle_signals=False,
+    )
+    try:
+        await w.main()
+    finally:
+        await w.close()
+    assert await job.result(timeout=5) == 1
+    assert await pool.fetchval("SELECT array_agg(provider_sid) FROM sms_status_early") == ["SMnew"]

@@ -162,25 +162,54 @@ WHERE provider_sid = $1
                    WHEN 'sent' THEN 1 ELSE 0 END) < $4
 RETURNING phone
 """
+KNOWN_SID_SQL = "SELECT 1 FROM messages WHERE provider_sid = $1"
+KEEP_EARLY_SQL = """
+INSERT INTO sms_status_early (provider_sid, status, rank, error_code) VALUES ($1, $2, $3, $4)
+ON CONFLICT (provider_sid) DO UPDATE
+SET status = excluded.status, rank = excluded.rank,
+    error_code = coalesce(excluded.error_code, sms_status_early.error_code)
+WHERE sms_status_early.rank < excluded.rank
+"""
+TAKE_EARLY_SQL = """
+DELETE FROM sms_status_early WHERE provider_sid = $1 RETURNING status, rank, error_code
+"""
+OPT_OUT_CARRIER_SQL = """
+INSERT INTO sms_opt_outs (phone, opted_out_at, source) VALUES ($1, now(), 'carrier')
+ON CONFLICT (phone) DO NOTHING
+"""
 
 UNSUBSCRIBED_ERROR = "21610"
+
+
+async def _apply(
+    conn: Conn, message_sid: str, status: str, rank: int, error_code: str | None
+) -> str | None:
+    phone: str | None = await conn.fetchval(APPLY_STATUS_SQL, message_sid, status, error_code, rank)
+    if phone is not None and error_code == UNSUBSCRIBED_ERROR:
+        await conn.execute(OPT_OUT_CARRIER_SQL, phone)
+    return phone
 
 
 async def apply_status(
     pool: asyncpg.Pool, *, message_sid: str, twilio_status: str, error_code: str | None
 ) -> bool:
-    """Record a delivery callback; a late or repeated one never moves a message back."""
+    """Record a delivery callback; a late or repeated one never moves a message back.
+
+    A callback for a sid no message carries yet is kept and applied when the send is
+    recorded (see `apply_early_status`)."""
     status = STATUS_MAP.get(twilio_status)
     if status is None:
         return False
+    rank = STATUS_RANK[status]
     async with transaction(pool) as conn:
-        phone = await conn.fetchval(
-            APPLY_STATUS_SQL, message_sid, status, error_code or None, STATUS_RANK[status]
-        )
-        if phone is not None and error_code == UNSUBSCRIBED_ERROR:
-            await conn.execute(
-                "INSERT INTO sms_opt_outs (phone, opted_out_at, source) "
-                "VALUES ($1, now(), 'carrier') ON CONFLICT (phone) DO NOTHING",
-                phone,
-            )
+        phone = await _apply(conn, message_sid, status, rank, error_code or None)
+        if phone is None and not await conn.fetchval(KNOWN_SID_SQL, message_sid):
+            await conn.execute(KEEP_EARLY_SQL, message_sid, status, rank, error_code or None)
     return phone is not None
+
+
+async def apply_early_status(conn: Conn, message_sid: str) -> None:
+    """Apply a callback that arrived before `message_sid` was recorded, if any."""
+    early = await conn.fetchrow(TAKE_EARLY_SQL, message_sid)
+    if early is not None:
+        await _apply(conn, message_sid, early["status"], early["rank"], early["error_code"])

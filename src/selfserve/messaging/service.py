@@ -51,6 +51,7 @@ from redis.exceptions import RedisError
 from selfserve.db import Conn, to_struct, transaction
 from selfserve.logs import mask_phone
 from selfserve.messaging import queries as q
+from selfserve.messaging.inbound import apply_early_status
 from selfserve.messaging.models import (
     ENCODINGS,
     LOCALES,
@@ -354,9 +355,13 @@ async def _earlier_send(
 async def _mark_sent(
     pool: asyncpg.Pool, msg: ClaimedMessage, receipt: SendReceipt, *, sent_at: datetime | None
 ) -> None:
-    result: str = await pool.execute(
-        q.MARK_SENT, msg.id, msg.attempts, receipt.provider_sid, sent_at
-    )
+    async with transaction(pool) as conn:
+        result: str = await conn.execute(
+            q.MARK_SENT, msg.id, msg.attempts, receipt.provider_sid, sent_at
+        )
+        if not result.endswith(" 0"):
+            # A delivery callback may have beaten us here; it waited for this sid.
+            await apply_early_status(conn, receipt.provider_sid)
     if result.endswith(" 0"):
         # Our claim was taken over (we outlived the lease); the new claim's lookup
         # will find this sid and record it.
