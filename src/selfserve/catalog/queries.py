@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
 
 from selfserve.catalog.models import MAX_BIGINT
 from selfserve.db import Conn
 from selfserve.errors import InvalidInput
+
+T = TypeVar("T")
 
 BRANCH_COLUMNS = (
     "id, name, timezone, address, phone, opening_hours, closures, "
@@ -131,6 +133,25 @@ async def page(
     records = records[:limit]
     next_cursor = encode_cursor(records[-1]["id"]) if more and records else None
     return records, next_cursor
+
+
+async def page_of(
+    pool: asyncpg.Pool,
+    select: str,
+    id_column: str,
+    filters: Sequence[str],
+    params: Sequence[Any],
+    convert: Callable[[asyncpg.Record], T],
+    *,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[T], str | None]:
+    """`page` on a pooled connection, rows converted; no filters means every row."""
+    async with pool.acquire() as conn:
+        rows, nxt = await page(
+            conn, select, id_column, filters or ["true"], params, limit=limit, cursor=cursor
+        )
+    return [convert(r) for r in rows], nxt
 
 
 async def update_columns(conn: Conn, table: str, row_id: int, changes: Mapping[str, Any]) -> None:

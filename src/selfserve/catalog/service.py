@@ -159,17 +159,16 @@ async def list_branches(
     if principal is not None and principal.branches is not None:
         params.append(list(principal.branches))
         filters.append(f"id = ANY(${len(params)}::bigint[])")
-    async with pool.acquire() as conn:
-        rows, nxt = await q.page(
-            conn,
-            f"SELECT {q.BRANCH_COLUMNS} FROM branches",
-            "id",
-            filters or ["true"],
-            params,
-            limit=limit,
-            cursor=cursor,
-        )
-    return [_branch(r) for r in rows], nxt
+    return await q.page_of(
+        pool,
+        f"SELECT {q.BRANCH_COLUMNS} FROM branches",
+        "id",
+        filters,
+        params,
+        _branch,
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 async def update_branch(
@@ -318,17 +317,16 @@ async def list_services(
     filters, params = _scope_filters(principal, branch_id)
     if only_active:
         filters.append("active")
-    async with pool.acquire() as conn:
-        rows, nxt = await q.page(
-            conn,
-            f"SELECT {q.SERVICE_COLUMNS} FROM services",
-            "id",
-            filters or ["true"],
-            params,
-            limit=limit,
-            cursor=cursor,
-        )
-    return [to_struct(r, Service) for r in rows], nxt
+    return await q.page_of(
+        pool,
+        f"SELECT {q.SERVICE_COLUMNS} FROM services",
+        "id",
+        filters,
+        params,
+        lambda r: to_struct(r, Service),
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 async def update_service(
@@ -416,17 +414,16 @@ async def list_resources(
     filters, params = _scope_filters(principal, branch_id, "r.branch_id")
     if not include_inactive:
         filters.append("r.active")
-    async with pool.acquire() as conn:
-        rows, nxt = await q.page(
-            conn,
-            q.RESOURCE_SELECT,
-            "r.id",
-            filters or ["true"],
-            params,
-            limit=limit,
-            cursor=cursor,
-        )
-    return [to_struct(r, Resource) for r in rows], nxt
+    return await q.page_of(
+        pool,
+        q.RESOURCE_SELECT,
+        "r.id",
+        filters,
+        params,
+        lambda r: to_struct(r, Resource),
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 async def update_resource(
@@ -579,17 +576,16 @@ async def list_schedules(
         filters.append(f"s.resource_id = ${len(params)}")
     if not include_inactive:
         filters.append("s.active")
-    async with pool.acquire() as conn:
-        rows, nxt = await q.page(
-            conn,
-            q.SCHEDULE_SELECT,
-            "s.id",
-            filters or ["true"],
-            params,
-            limit=limit,
-            cursor=cursor,
-        )
-    return [_schedule(r) for r in rows], nxt
+    return await q.page_of(
+        pool,
+        q.SCHEDULE_SELECT,
+        "s.id",
+        filters,
+        params,
+        _schedule,
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 _SHIFT_FIELDS = {"weekday", "start", "end"}
@@ -700,17 +696,16 @@ async def list_devices(
     filters, params = _scope_filters(principal, branch_id)
     if not include_inactive:
         filters.append("active")
-    async with pool.acquire() as conn:
-        rows, nxt = await q.page(
-            conn,
-            f"SELECT {q.DEVICE_COLUMNS} FROM devices",
-            "id",
-            filters or ["true"],
-            params,
-            limit=limit,
-            cursor=cursor,
-        )
-    return [to_struct(r, Device) for r in rows], nxt
+    return await q.page_of(
+        pool,
+        f"SELECT {q.DEVICE_COLUMNS} FROM devices",
+        "id",
+        filters,
+        params,
+        lambda r: to_struct(r, Device),
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 async def update_device(
@@ -837,11 +832,16 @@ async def list_staff(
         )
     if not include_inactive:
         filters.append("s.active")
-    async with pool.acquire() as conn:
-        rows, nxt = await q.page(
-            conn, q.STAFF_SELECT, "s.id", filters or ["true"], params, limit=limit, cursor=cursor
-        )
-    return [to_struct(r, StaffAccount) for r in rows], nxt
+    return await q.page_of(
+        pool,
+        q.STAFF_SELECT,
+        "s.id",
+        filters,
+        params,
+        lambda r: to_struct(r, StaffAccount),
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 async def update_staff(
