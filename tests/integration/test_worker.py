@@ -22,6 +22,25 @@ def worker_env(module_env: ModuleEnv, monkeypatch: pytest.MonkeyPatch) -> Module
     return module_env
 
 
+async def run_burst_worker(env: ModuleEnv) -> Worker:
+    """The production worker settings, run until the queue is empty."""
+    w = Worker(
+        functions=worker_module.WorkerSettings.functions,
+        on_startup=worker_module.startup,
+        on_shutdown=worker_module.shutdown,
+        redis_settings=RedisSettings.from_dsn(env.redis_url),
+        burst=True,
+        poll_delay=0,
+        max_jobs=4,
+        handle_signals=False,
+    )
+    try:
+        await w.main()
+    finally:
+        await w.close()
+    return w
+
+
 async def _insert_token(
     pool: asyncpg.Pool, expires_at: datetime, revoked_at: datetime | None
 ) -> None:
@@ -49,20 +68,7 @@ async def test_purge_job_runs_through_redis_and_keeps_live_tokens(
     # The same job id enqueued again while the first is pending is refused by arq.
     assert await redis.enqueue_job("purge_refresh_tokens", _job_id="purge-test-1") is None
 
-    w = Worker(
-        functions=worker_module.WorkerSettings.functions,
-        on_startup=worker_module.startup,
-        on_shutdown=worker_module.shutdown,
-        redis_settings=RedisSettings.from_dsn(worker_env.redis_url),
-        burst=True,
-        poll_delay=0,
-        max_jobs=4,
-        handle_signals=False,
-    )
-    try:
-        await w.main()
-    finally:
-        await w.close()
+    w = await run_burst_worker(worker_env)
     assert w.jobs_complete == 1
     assert w.jobs_failed == 0
     assert await job.result(timeout=5) == 2
@@ -78,18 +84,6 @@ async def test_stale_early_status_callbacks_are_purged(
     )
     job = await redis.enqueue_job("purge_early_status_callbacks")
     assert job is not None
-    w = Worker(
-        functions=worker_module.WorkerSettings.functions,
-        on_startup=worker_module.startup,
-        on_shutdown=worker_module.shutdown,
-        redis_settings=RedisSettings.from_dsn(worker_env.redis_url),
-        burst=True,
-        poll_delay=0,
-        handle_signals=False,
-    )
-    try:
-        await w.main()
-    finally:
-        await w.close()
+    await run_burst_worker(worker_env)
     assert await job.result(timeout=5) == 1
     assert await pool.fetchval("SELECT array_agg(provider_sid) FROM sms_status_early") == ["SMnew"]
