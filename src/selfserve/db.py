@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,35 @@ async def transaction(pool: asyncpg.Pool) -> AsyncIterator[Conn]:
     """One connection, one transaction: commit on success, roll back on any error."""
     async with pool.acquire() as conn, conn.transaction():
         yield conn
+
+
+# Transient failures worth running the whole transaction again for.
+RETRYABLE = (
+    asyncpg.exceptions.DeadlockDetectedError,  # 40P01
+    asyncpg.exceptions.SerializationError,  # 40001
+)
+T = TypeVar("T")
+
+
+async def in_transaction_with_retry(
+    pool: asyncpg.Pool, fn: Callable[[Conn], Awaitable[T]], *, attempts: int = 5
+) -> T:
+    """Run `fn(conn)` in one transaction; on 40P01/40001 roll back and run it again.
+
+    `fn` must do all its work through `conn` (it may run more than once). After
+    `attempts` tries the last error propagates. Domain errors are not retried.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                return await fn(conn)
+        except RETRYABLE as exc:
+            if attempt == attempts:
+                raise
+            log.info("transaction_retry", attempt=attempt, sqlstate=exc.sqlstate)
+            # A little jitter so the transactions that collided do not collide again.
+            await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311
+    raise AssertionError("unreachable")
 
 
 # --- migrations -------------------------------------------------------------
@@ -141,9 +172,6 @@ async def migrate_url(dsn: str) -> list[int]:
         return await migrate(conn)
     finally:
         await conn.close()
-
-
-T = TypeVar("T")
 
 
 def to_struct(row: asyncpg.Record | None, typ: type[T]) -> T:

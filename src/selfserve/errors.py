@@ -94,6 +94,22 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "invalid_signature": ("The request signature is not valid.", "请求签名无效。"),
     "rate_limited": ("Too many requests; try again later.", "请求过于频繁，请稍后再试。"),
+    "slot_full": (
+        "This time is no longer available; please choose another.",
+        "该时段已约满，请选择其他时间。",
+    ),
+    "hold_expired": (
+        "The hold has expired or was already used; please choose a time again.",
+        "预留已过期或已使用，请重新选择时间。",
+    ),
+    "booking_not_active": (
+        "The booking is no longer active.",
+        "该预约已失效。",
+    ),
+    "capacity_in_use": (
+        "Capacity cannot be reduced below seats already taken.",
+        "容量不能低于已被占用的座位数。",
+    ),
 }
 
 
@@ -183,6 +199,26 @@ class Forbidden(DomainError):
 class Conflict(DomainError):
     status = 409
     code = "conflict"
+
+
+class SlotFull(Conflict):
+    """The resource has fewer free seats than asked for somewhere in the span."""
+
+    code = "slot_full"
+
+
+class HoldExpired(Conflict):
+    code = "hold_expired"
+
+
+class BookingNotActive(Conflict):
+    code = "booking_not_active"
+
+
+class CapacityInUse(Conflict):
+    """A capacity reduction would leave some future unit with more seats used than exist."""
+
+    code = "capacity_in_use"
 
 
 class RateLimited(DomainError):
@@ -343,15 +379,19 @@ __all__ = [
     "EXCEPTION_HANDLERS",
     "MESSAGES",
     "PROBLEM_MEDIA_TYPE",
+    "BookingNotActive",
+    "CapacityInUse",
     "Conflict",
     "DomainError",
     "FieldError",
     "Forbidden",
+    "HoldExpired",
     "InvalidInput",
     "NotFound",
     "Problem",
     "RateLimited",
     "ServiceUnavailable",
+    "SlotFull",
     "Unauthorized",
     "negotiate_locale",
     "problem_response",

@@ -1,0 +1,1 @@
+"""Scheduling: availability (pure), holds, bookings, waitlist."""
