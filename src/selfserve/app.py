@@ -29,12 +29,14 @@ from selfserve.logs import configure_logging
 from selfserve.messaging.log import MessageLogController
 from selfserve.messaging.webhooks import TwilioWebhookController
 from selfserve.middleware import request_id_middleware
+from selfserve.scheduling.routes import ROUTERS as BOOKING_ROUTERS
 from selfserve.settings import ConfigError, Settings, load_settings
 
 TAGS = [
     Tag(name="Operations", description="Health, readiness and metrics."),
     Tag(name="Identity", description="Sign-in, tokens and the caller's profile."),
     Tag(name="Catalogue", description="Branches and services, readable by anyone."),
+    Tag(name="Booking", description="Availability, holds and bookings, at any hour."),
     Tag(name="Admin: branches", description="Create and manage branches."),
     Tag(name="Admin: services", description="Create and manage services."),
     Tag(name="Admin: resources", description="Counters, staff and rooms with skills."),
@@ -136,6 +138,7 @@ def create_app(
             TwilioWebhookController,
             MessageLogController,
             *CATALOG_ROUTERS,
+            *BOOKING_ROUTERS,
         ],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,

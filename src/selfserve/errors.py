@@ -102,6 +102,14 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "The hold has expired or was already used; please choose a time again.",
         "预留已过期或已使用，请重新选择时间。",
     ),
+    "slot_unavailable": (
+        "This time is not offered for this service; choose a time from the availability list.",
+        "该时间不可预约，请从可预约时段中选择。",
+    ),
+    "idempotency_key_reused": (
+        "This Idempotency-Key was already used with a different request.",
+        "该幂等键已用于另一个不同的请求。",
+    ),
     "booking_not_active": (
         "The booking is no longer active.",
         "该预约已失效。",
@@ -209,6 +217,16 @@ class SlotFull(Conflict):
 
 class HoldExpired(Conflict):
     code = "hold_expired"
+
+
+class SlotUnavailable(Conflict):
+    """The start is not a slot of the service (off the grid, closed, nobody on shift)."""
+
+    code = "slot_unavailable"
+
+
+class IdempotencyKeyReused(InvalidInput):
+    code = "idempotency_key_reused"
 
 
 class BookingNotActive(Conflict):
@@ -386,12 +404,14 @@ __all__ = [
     "FieldError",
     "Forbidden",
     "HoldExpired",
+    "IdempotencyKeyReused",
     "InvalidInput",
     "NotFound",
     "Problem",
     "RateLimited",
     "ServiceUnavailable",
     "SlotFull",
+    "SlotUnavailable",
     "Unauthorized",
     "negotiate_locale",
     "problem_response",

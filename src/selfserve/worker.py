@@ -17,6 +17,7 @@ from selfserve.messaging.service import (
     sweep_outbox,
 )
 from selfserve.messaging.transport import build_transport
+from selfserve.scheduling.service import purge_idempotency_keys, sweep_holds
 from selfserve.settings import ConfigError, load_settings
 
 PURGE_REFRESH_TOKENS = """
@@ -83,12 +84,17 @@ class WorkerSettings:
             timeout=SEND_JOB_TIMEOUT_S,
         ),
         func(sweep_outbox, max_tries=1, timeout=300),
+        func(sweep_holds, max_tries=1, timeout=120),
+        purge_idempotency_keys,
     ]
     cron_jobs = [
         cron(purge_refresh_tokens, hour=3, minute=17, run_at_startup=False),
         cron(purge_early_status_callbacks, minute=41, run_at_startup=False),
         # Every minute, and once at start: whatever Redis lost is enqueued again.
         cron(sweep_outbox, second=0, run_at_startup=True, timeout=300),
+        # Every minute: expired holds give their seats back (writes also do this on demand).
+        cron(sweep_holds, second=30, run_at_startup=True, timeout=120),
+        cron(purge_idempotency_keys, minute=23, run_at_startup=False),
     ]
     on_startup = startup
     on_shutdown = shutdown

@@ -26,6 +26,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "booking_confirmation": frozenset({"service", "branch", "local_time", "code"}),
     "reminder": frozenset({"service", "branch", "local_time", "code"}),
     "confirm_request": frozenset({"service", "local_time", "code"}),
+    "booking_confirmed_reply": frozenset({"service", "local_time", "code"}),
+    "booking_cancelled_reply": frozenset({"service", "local_time", "code"}),
     "waitlist_offer": frozenset({"service", "branch", "local_time", "minutes"}),
     "ticket_called": frozenset({"ticket", "counter"}),
     "turn_near": frozenset({"ticket", "ahead"}),

@@ -1,0 +1,107 @@
+"""SQL for the booking layer. Seats are changed only through `ledger`; these read
+what availability needs and the rows the API shows."""
+
+from __future__ import annotations
+
+# The branch and service together; a service of another branch is not found.
+BRANCH_SERVICE = """
+SELECT b.timezone, b.name AS branch_name, b.opening_hours, b.closures,
+       b.walk_in_reserve::float8 AS walk_in_reserve, b.active AS branch_active,
+       s.id AS service_id, s.name AS service_name, s.duration_min, s.buffer_before_min,
+       s.buffer_after_min, s.slot_interval_min, s.lead_time_min, s.horizon_days,
+       s.min_party, s.max_party, s.deposit_minor, s.cancellation_window_min,
+       s.active AS service_active
+FROM services s JOIN branches b ON b.id = s.branch_id
+WHERE s.id = $1 AND b.id = $2
+"""
+
+# Active resources of the branch skilled for the service.
+RESOURCES = """
+SELECT r.id, r.kind, r.capacity
+FROM resources r JOIN resource_skills k ON k.resource_id = r.id
+WHERE k.service_id = $1 AND r.branch_id = $2 AND r.active
+ORDER BY r.id
+"""
+
+# Weekly shifts, and only the exceptions that touch [$2, $3).
+SCHEDULES = """
+SELECT resource_id, kind, weekday, start_minute, end_minute, starts_at, ends_at, available
+FROM schedules
+WHERE resource_id = ANY($1::bigint[]) AND active
+  AND (kind = 'shift' OR tstzrange(starts_at, ends_at) && tstzrange($2, $3))
+"""
+
+# Live holds (not released, not expired at $4) and counting bookings (but booking
+# $5, which a reschedule moves) overlapping [$2, $3) (GiST indexes, migration 0007). A hold past its expiry that the sweep has
+# not released yet is not shown; a write that meets its seats in the ledger releases
+# expired holds and tries once more (service.py).
+COMMITMENTS = """
+SELECT resource_id, lower(occupied) AS starts_at, upper(occupied) AS ends_at,
+       party_size AS seats
+FROM holds
+WHERE resource_id = ANY($1::bigint[]) AND released_at IS NULL AND expires_at > $4
+  AND occupied && tstzrange($2, $3)
+UNION ALL
+SELECT resource_id, lower(occupied), upper(occupied), party_size
+FROM bookings
+WHERE resource_id = ANY($1::bigint[]) AND id <> $5
+  AND status IN ('pending_payment', 'confirmed', 'completed')
+  AND occupied && tstzrange($2, $3)
+"""
+
+CUSTOMER = "SELECT phone, locale FROM customers WHERE id = $1"
+
+HOLD_FOR_BOOKING = """
+SELECT h.id, h.branch_id, h.service_id, h.customer_id, h.channel, h.released_at, h.expires_at
+FROM holds h WHERE h.id = $1
+"""
+
+BOOKING_VIEW = """
+SELECT bk.id, bk.code, bk.status, bk.starts_at, bk.ends_at, bk.branch_id, bk.service_id,
+       bk.party_size, bk.channel, bk.cancelled_at, bk.confirmed_by_sms_at,
+       bk.late_cancellation, bk.customer_id, bk.phone, b.timezone, b.name AS branch_name,
+       s.name AS service_name, s.cancellation_window_min
+FROM bookings bk
+JOIN branches b ON b.id = bk.branch_id
+JOIN services s ON s.id = bk.service_id
+"""
+
+BOOKING_BY_ID = BOOKING_VIEW + " WHERE bk.id = $1"
+
+# Newest first by id; the cursor is the last id seen.
+BOOKINGS_OF_CUSTOMER = (
+    BOOKING_VIEW
+    + """
+WHERE bk.customer_id = $1 AND ($2::bigint IS NULL OR bk.id < $2)
+ORDER BY bk.id DESC
+LIMIT $3
+"""
+)
+
+MARK_LATE_CANCELLATION = "UPDATE bookings SET late_cancellation = true WHERE id = $1"
+
+# The next active booking of a phone that has not started yet.
+NEXT_BOOKING_OF_PHONE = """
+SELECT id FROM bookings
+WHERE phone = $1 AND status IN ('pending_payment', 'confirmed') AND starts_at > $2
+ORDER BY starts_at, id
+LIMIT 1
+FOR UPDATE
+"""
+
+CONFIRM_BY_SMS = """
+UPDATE bookings SET confirmed_by_sms_at = coalesce(confirmed_by_sms_at, $2), updated_at = now()
+WHERE id = $1
+"""
+
+IDEMPOTENCY_LOOKUP = """
+SELECT request_hash, status_code, response FROM idempotency_keys
+WHERE principal = $1 AND key = $2
+"""
+
+IDEMPOTENCY_STORE = """
+INSERT INTO idempotency_keys (principal, key, request_hash, status_code, response)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (principal, key) DO NOTHING
+RETURNING 1
+"""
