@@ -22,7 +22,7 @@ from selfserve.auth.tokens import Principal
 from selfserve.db import transaction
 from selfserve.errors import Unauthorized
 from selfserve.logs import mask_phone
-from selfserve.messaging.templates import pick_locale, render
+from selfserve.messaging.templates import pick_locale
 from selfserve.ratelimit import Limit, hit
 from selfserve.settings import Settings
 
@@ -72,7 +72,7 @@ async def request_code(
     accept_locale: str,
 ) -> int:
     """Text a fresh code; returns its lifetime in seconds."""
-    from selfserve.messaging.service import enqueue_after_commit, queue_message
+    from selfserve.messaging.service import enqueue_after_commit, queue_template
 
     burst, per_phone, per_client, budget = limits(settings)
     await hit(redis, per_client, client_address)
@@ -93,15 +93,12 @@ async def request_code(
             _code_hash(settings, phone, code),
             now + timedelta(seconds=CODE_TTL_S),
         )
-        sms = render("sign_in_code", locale, code=code, minutes=CODE_TTL_S // 60)
-        message_id = await queue_message(
+        message_id = await queue_template(
             conn,
+            "sign_in_code",
+            locale,
+            {"code": code, "minutes": CODE_TTL_S // 60},
             phone=phone,
-            body=sms.body,
-            segments=sms.segments,
-            encoding=sms.encoding,
-            template="sign_in_code",
-            locale=locale,
             send_at=now,
             dedupe_key=f"otp:{code_id}",
             time_critical=True,

@@ -60,6 +60,7 @@ from selfserve.messaging.models import (
     SmsRequest,
 )
 from selfserve.messaging.quiet_hours import next_allowed_send_time, parse_clock
+from selfserve.messaging.templates import render
 from selfserve.messaging.transport import (
     ProviderError,
     ProviderRejected,
@@ -149,6 +150,37 @@ async def queue_message(
         send_at,
     )
     return message_id
+
+
+async def queue_template(
+    conn: Conn,
+    template: str,
+    locale: str,
+    params: dict[str, object],
+    *,
+    phone: str,
+    send_at: datetime,
+    dedupe_key: str,
+    branch_id: int | None = None,
+    customer_id: int | None = None,
+    time_critical: bool = False,
+) -> int | None:
+    """Render a template now and write its outbox row (see `queue_message`)."""
+    sms = render(template, locale, **params)
+    return await queue_message(
+        conn,
+        phone=phone,
+        body=sms.body,
+        segments=sms.segments,
+        encoding=sms.encoding,
+        template=template,
+        locale=locale,
+        send_at=send_at,
+        dedupe_key=dedupe_key,
+        branch_id=branch_id,
+        customer_id=customer_id,
+        time_critical=time_critical,
+    )
 
 
 def _like_prefix(dedupe_prefix: str) -> str:

@@ -55,7 +55,7 @@ from selfserve.messaging import inbound
 from selfserve.messaging.service import (
     cancel_messages,
     enqueue_after_commit,
-    queue_message,
+    queue_template,
     reschedule_messages,
 )
 from selfserve.messaging.templates import DEFAULT_LOCALE, pick_locale, render
@@ -515,23 +515,13 @@ async def _queue_reminder(
     kind: str,
     send_at: datetime,
 ) -> None:
-    sms = render(
+    start_key = int(booking["starts_at"].timestamp())
+    message_id = await queue_template(
+        conn,
         "reminder",
         locale,
-        service=booking["service_name"],
-        branch=booking["branch_name"],
-        local_time=_wall(booking["starts_at"], booking["timezone"]),
-        code=booking["code"],
-    )
-    start_key = int(booking["starts_at"].timestamp())
-    message_id = await queue_message(
-        conn,
+        _booking_sms_params(booking),
         phone=phone,
-        body=sms.body,
-        segments=sms.segments,
-        encoding=sms.encoding,
-        template="reminder",
-        locale=locale,
         send_at=send_at,
         dedupe_key=f"booking:{booking['id']}:{kind}:{start_key}",
         branch_id=booking["branch_id"],
@@ -540,26 +530,25 @@ async def _queue_reminder(
     outbox.append((message_id, send_at))
 
 
+def _booking_sms_params(booking: Record) -> dict[str, object]:
+    return {
+        "service": booking["service_name"],
+        "branch": booking["branch_name"],
+        "local_time": _wall(booking["starts_at"], booking["timezone"]),
+        "code": booking["code"],
+    }
+
+
 async def _queue_booking_messages(
     conn: Conn, outbox: Outbox, booking: Record, phone: str, locale: str, now: datetime
 ) -> None:
     """Confirmation now; reminders 24 h and 2 h before the start instant, if still ahead."""
-    sms = render(
+    message_id = await queue_template(
+        conn,
         "booking_confirmation",
         locale,
-        service=booking["service_name"],
-        branch=booking["branch_name"],
-        local_time=_wall(booking["starts_at"], booking["timezone"]),
-        code=booking["code"],
-    )
-    message_id = await queue_message(
-        conn,
+        _booking_sms_params(booking),
         phone=phone,
-        body=sms.body,
-        segments=sms.segments,
-        encoding=sms.encoding,
-        template="booking_confirmation",
-        locale=locale,
         send_at=now,
         dedupe_key=f"booking:{booking['id']}:confirmation",
         branch_id=booking["branch_id"],
