@@ -12,8 +12,10 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +26,7 @@ import msgspec
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from litestar import Litestar
+from redis import Redis as SyncRedis
 
 from selfserve import db
 from selfserve.app import create_app
@@ -92,7 +95,38 @@ def servers() -> Iterator[Servers]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-_redis_index = itertools.count(1)
+REDIS_LEASE_S = 3600
+
+
+@contextmanager
+def redis_db_lease(server_url: str) -> Iterator[int]:
+    """Claim a Redis db index (1-15) for one module. The claim is a key in db 0, so
+    test runs sharing one Redis server (several checkouts, several runners) never
+    flush each other's data. Waits while all 15 are taken."""
+    token = uuid.uuid4().hex
+    client = SyncRedis.from_url(with_redis_db(server_url, 0))
+    start = next(_redis_start)
+    try:
+        while True:
+            for offset in range(15):
+                index = (start + offset) % 15 + 1
+                if client.set(f"selfserve-test:db:{index}", token, nx=True, ex=REDIS_LEASE_S):
+                    break
+            else:
+                time.sleep(0.2)  # every index is in use by another run: wait for one
+                continue
+            break
+        try:
+            yield index
+        finally:
+            key = f"selfserve-test:db:{index}"
+            if client.get(key) == token.encode():
+                client.delete(key)
+    finally:
+        client.close()
+
+
+_redis_start = itertools.count()
 
 
 @dataclass
@@ -115,16 +149,17 @@ def module_env(servers: Servers) -> Iterator[ModuleEnv]:
             await conn.close()
 
     asyncio.run(clone())
-    redis_url = with_redis_db(servers.redis_url, (next(_redis_index) % 15) + 1)
-    settings = Settings(
-        environment="test",
-        database_url=with_database(servers.database_url, name),
-        redis_url=redis_url,
-        public_base_url="http://testserver.local",
-        log_level="WARNING",
-    )
     try:
-        yield ModuleEnv(settings.database_url or "", redis_url, servers.database_url, settings)
+        with redis_db_lease(servers.redis_url) as index:
+            redis_url = with_redis_db(servers.redis_url, index)
+            settings = Settings(
+                environment="test",
+                database_url=with_database(servers.database_url, name),
+                redis_url=redis_url,
+                public_base_url="http://testserver.local",
+                log_level="WARNING",
+            )
+            yield ModuleEnv(settings.database_url or "", redis_url, servers.database_url, settings)
     finally:
         asyncio.run(_drop(servers.database_url, name))
 
