@@ -116,6 +116,9 @@ def redis_db_lease(server_url: str) -> Iterator[int]:
                 time.sleep(0.2)  # every index is in use by another run: wait for one
                 continue
             break
+        # The index is ours alone now: start it empty (a killed run may have left keys).
+        with SyncRedis.from_url(with_redis_db(server_url, index)) as fresh:
+            fresh.flushdb()
         try:
             yield index
         finally:

@@ -8,6 +8,12 @@ import sys
 import structlog
 
 
+def _stderr_logger(*_: object) -> structlog.PrintLogger:
+    """A logger on whatever `sys.stderr` is when it logs (not when logging was set up),
+    so a replaced stream (a test runner's capture, a daemon's redirect) is followed."""
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(fmt: str = "console", level: str = "INFO") -> None:
     renderer: structlog.types.Processor
     if fmt == "json":
@@ -25,7 +31,7 @@ def configure_logging(fmt: str = "console", level: str = "INFO") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else 20
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
