@@ -8,15 +8,10 @@ to a real `selfserve serve` process. Whatever it sends, the answer is never a 5x
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 import schemathesis
@@ -25,6 +20,7 @@ from schemathesis.checks import not_a_server_error
 
 from selfserve.auth.passwords import hash_password
 from tests.conftest import ModuleEnv
+from tests.e2e.processes import api_processes
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,16 +28,7 @@ schema = schemathesis.openapi.from_path(ROOT / "openapi" / "openapi.json")
 ADMIN, PASSWORD = "fuzz-admin@example.test", "fuzz admin password"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 async def _seed(database_url: str) -> None:
-    import asyncpg
-
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(
@@ -57,47 +44,17 @@ async def _seed(database_url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def live(module_env: ModuleEnv) -> Iterator[tuple[str, str]]:
+def live(
+    module_env: ModuleEnv, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
     asyncio.run(_seed(module_env.database_url))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SELFSERVE_", "TWILIO_"))}
-    env.update(
-        DATABASE_URL=module_env.database_url,
-        REDIS_URL=module_env.redis_url,
-        SELFSERVE_ENV="production",
-        SELFSERVE_JWT_SECRET="fuzz-secret-" + "y" * 40,
-        SELFSERVE_PUBLIC_BASE_URL=f"http://127.0.0.1:{port}",
-        SELFSERVE_LOG_LEVEL="WARNING",
-        TWILIO_AUTH_TOKEN="fuzz-twilio-token",
-    )
-    script = Path(sys.executable).with_name("selfserve")
-    proc = subprocess.Popen(
-        [str(script), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "selfserve serve exited"
-            assert time.monotonic() < deadline, "selfserve serve did not become ready"
-            time.sleep(0.05)
+    with api_processes(
+        module_env, 1, "fuzz-secret-" + "y" * 40, tmp_path_factory.mktemp("logs")
+    ) as (base,):
         token = httpx.post(
             base + "/v1/auth/staff/login", json={"email": ADMIN, "password": PASSWORD}
         ).json()["access_token"]
         yield base, token
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=30)
-        text = output.decode(errors="replace")
-        assert "Traceback" not in text, text[-4000:]
 
 
 @schema.parametrize()

@@ -14,10 +14,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -31,6 +28,8 @@ import pytest
 import redis
 
 from selfserve.demo import DEMO_ADMIN_EMAIL, DEMO_ADMIN_PASSWORD
+from tests.e2e import processes
+from tests.e2e.processes import free_port, selfserve_command, stop_group
 
 pytestmark = pytest.mark.e2e
 
@@ -41,30 +40,9 @@ DEMO_TIMEZONES = {"Shanghai Pudong Hall": "Asia/Shanghai", "London Holborn Centr
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def selfserve_command() -> list[str]:
-    script = Path(sys.executable).with_name("selfserve")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "selfserve"]
-
-
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, dev: Dev) -> T:
     """Poll `probe` until it returns a value, the process dies, or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result is not None:
-            return result
-        if dev.proc.poll() is not None:
-            pytest.fail(f"selfserve dev exited ({dev.proc.returncode}) before {what}\n{dev.logs()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{dev.logs()}")
-        time.sleep(0.1)
+    return processes.wait_for(what, probe, [dev.proc], timeout=timeout, interval=0.1, logs=dev.logs)
 
 
 def gone(pid: int) -> bool:
@@ -193,13 +171,7 @@ def assert_stopped_cleanly(dev: Dev, code: int) -> None:
 
 def cleanup(dev: Dev) -> None:
     """After a failure: leave nothing running."""
-    if dev.proc.poll() is None:
-        os.killpg(dev.proc.pid, signal.SIGTERM)
-        try:
-            dev.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(dev.proc.pid, signal.SIGKILL)
-            dev.proc.wait()
+    stop_group(dev.proc, timeout=STOP_TIMEOUT)
     for pid in dev.pids.values():
         if not gone(pid):
             psutil.Process(pid).kill()
