@@ -114,6 +114,18 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "The booking is no longer active.",
         "该预约已失效。",
     ),
+    "staff_booking_required": (
+        "After several missed appointments, please ask our staff to book for you.",
+        "由于多次未按时赴约，请联系工作人员为您预约。",
+    ),
+    "already_waitlisted": (
+        "You are already on the waitlist for this service on that day.",
+        "您已在该日该服务的候补名单中。",
+    ),
+    "waitlist_entry_closed": (
+        "This waitlist entry is no longer open.",
+        "该候补登记已结束。",
+    ),
     "capacity_in_use": (
         "Capacity cannot be reduced below seats already taken.",
         "容量不能低于已被占用的座位数。",

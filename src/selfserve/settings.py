@@ -56,6 +56,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A message claimed for sending longer ago than this is presumed abandoned by a
     # crashed worker and claimed again. Must exceed the send job's timeout.
     sms_send_lease_s: int = 300
+    # Booking policy.
+    hold_ttl_s: int = 300
+    # Reminders go this many minutes before the start instant; the one whose lead
+    # equals `confirm_request_min` asks for a Y/N reply (0: no confirm request).
+    reminder_leads_min: tuple[int, ...] = (1440, 120)
+    confirm_request_min: int = 1440
+    waitlist_claim_min: int = 15
+    # A booking nobody checked in for is a no-show this long after its start.
+    no_show_grace_min: int = 15
+    # This many no-shows in the window and the customer must be booked by staff
+    # (0 switches the rule off).
+    no_show_limit: int = 3
+    no_show_window_days: int = 180
 
     @property
     def is_production(self) -> bool:
@@ -82,6 +95,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     raw = env.get(name, "")
     return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _minutes_list(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        values = tuple(sorted({int(part) for part in raw.split(",") if part.strip()}, reverse=True))
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated whole minutes, got {raw!r}") from None
+    if any(v < 1 for v in values):
+        raise ConfigError(f"{name} minutes must be at least 1, got {raw!r}")
+    return values
 
 
 def _clock(env: Mapping[str, str], name: str, default: str) -> str:
@@ -179,4 +205,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         quiet_hours_end=_clock(env, "SELFSERVE_QUIET_HOURS_END", "08:00"),
         quiet_hours_tz=_zone(env, "SELFSERVE_QUIET_HOURS_TZ", "Asia/Shanghai"),
         sms_send_lease_s=_int(env, "SELFSERVE_SMS_SEND_LEASE", 300, minimum=120),
+        hold_ttl_s=_int(env, "SELFSERVE_HOLD_TTL", 300, minimum=30),
+        reminder_leads_min=_minutes_list(env, "SELFSERVE_REMINDERS", (1440, 120)),
+        confirm_request_min=_int(env, "SELFSERVE_CONFIRM_REQUEST", 1440, minimum=0),
+        waitlist_claim_min=_int(env, "SELFSERVE_WAITLIST_CLAIM", 15),
+        no_show_grace_min=_int(env, "SELFSERVE_NO_SHOW_GRACE", 15, minimum=0),
+        no_show_limit=_int(env, "SELFSERVE_NO_SHOW_LIMIT", 3, minimum=0),
+        no_show_window_days=_int(env, "SELFSERVE_NO_SHOW_WINDOW_DAYS", 180),
     )

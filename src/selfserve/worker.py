@@ -17,7 +17,12 @@ from selfserve.messaging.service import (
     sweep_outbox,
 )
 from selfserve.messaging.transport import build_transport
-from selfserve.scheduling.service import purge_idempotency_keys, sweep_holds
+from selfserve.scheduling.service import (
+    purge_idempotency_keys,
+    sweep_holds,
+    sweep_no_shows,
+    sweep_waitlist,
+)
 from selfserve.settings import ConfigError, load_settings
 
 PURGE_REFRESH_TOKENS = """
@@ -85,6 +90,8 @@ class WorkerSettings:
         ),
         func(sweep_outbox, max_tries=1, timeout=300),
         func(sweep_holds, max_tries=1, timeout=120),
+        func(sweep_no_shows, max_tries=1, timeout=120),
+        func(sweep_waitlist, max_tries=1, timeout=120),
         purge_idempotency_keys,
     ]
     cron_jobs = [
@@ -94,6 +101,10 @@ class WorkerSettings:
         cron(sweep_outbox, second=0, run_at_startup=True, timeout=300),
         # Every minute: expired holds give their seats back (writes also do this on demand).
         cron(sweep_holds, second=30, run_at_startup=True, timeout=120),
+        # Every minute: bookings nobody checked in for by start + grace become no-shows.
+        cron(sweep_no_shows, second=45, run_at_startup=True, timeout=120),
+        # Every minute: close passed windows, offer free seats to waiting entries.
+        cron(sweep_waitlist, second=15, run_at_startup=True, timeout=120),
         cron(purge_idempotency_keys, minute=23, run_at_startup=False),
     ]
     on_startup = startup

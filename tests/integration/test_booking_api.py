@@ -3,155 +3,27 @@ idempotency, ownership, cancel, reschedule, reminders and SMS replies."""
 
 from __future__ import annotations
 
-import itertools
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
-from selfserve.auth.tokens import Principal, issue_access_token
-from selfserve.messaging.inbound import handle_inbound
-from selfserve.scheduling import ledger
+from tests.booking_helpers import (
+    at_hour,
+    book,
+    customer,
+    invariant_holds,
+    iso,
+    kiosk,
+    messages_of,
+    remaining,
+    seed,
+    slots,
+    sms,
+)
 from tests.conftest import ModuleEnv
 from tests.helpers import bearer, login, make_staff
-
-_seq = itertools.count(1)
-ALL_WEEK = [{"weekday": d, "opens": "00:00", "closes": "24:00"} for d in range(1, 8)]
-
-
-def at_hour(days: float, hour_offset: int = 0) -> datetime:
-    """A slot start on the 30-minute grid, `days` from now (whole UTC hours)."""
-    base = datetime.now(UTC) + timedelta(days=days)
-    return base.replace(minute=0, second=0, microsecond=0) + timedelta(hours=hour_offset + 1)
-
-
-def iso(t: datetime) -> str:
-    return t.isoformat().replace("+00:00", "Z")
-
-
-async def seed(
-    pool: asyncpg.Pool,
-    *,
-    capacity: int = 1,
-    resources: int = 1,
-    deposit: int = 0,
-    cancellation_window_min: int = 0,
-    max_party: int = 4,
-) -> tuple[int, int, list[int]]:
-    """A branch open around the clock, a 30-minute service on a 30-minute grid, and
-    `resources` counters with the skill on shift all week."""
-    n = next(_seq)
-    async with pool.acquire() as conn, conn.transaction():
-        bid = await conn.fetchval(
-            "INSERT INTO branches (name, timezone, opening_hours) "
-            "VALUES ($1, 'Asia/Shanghai', $2) RETURNING id",
-            f"Hall {n}",
-            ALL_WEEK,
-        )
-        sid = await conn.fetchval(
-            "INSERT INTO services (branch_id, name, duration_min, slot_interval_min, "
-            "price_minor, deposit_minor, max_party, cancellation_window_min) "
-            "VALUES ($1, $2, 30, 30, $3, $3, $4, $5) RETURNING id",
-            bid,
-            f"Service {n}",
-            deposit,
-            max_party,
-            cancellation_window_min,
-        )
-        rids = []
-        for i in range(resources):
-            rid = await conn.fetchval(
-                "INSERT INTO resources (branch_id, kind, name, capacity) "
-                "VALUES ($1, 'room', $2, $3) RETURNING id",
-                bid,
-                f"Room {n}.{i}",
-                capacity,
-            )
-            await conn.execute(
-                "INSERT INTO resource_skills (resource_id, service_id) VALUES ($1, $2)", rid, sid
-            )
-            for day in range(1, 8):
-                await conn.execute(
-                    "INSERT INTO schedules (resource_id, kind, weekday, start_minute, end_minute) "
-                    "VALUES ($1, 'shift', $2, 0, 1440)",
-                    rid,
-                    day,
-                )
-            rids.append(rid)
-    return bid, sid, rids
-
-
-async def customer(pool: asyncpg.Pool, env: ModuleEnv, locale: str = "en") -> tuple[int, str, str]:
-    """A customer row and an access token: (id, phone, token)."""
-    phone = f"+86138{next(_seq):08d}"
-    cid = await pool.fetchval(
-        "INSERT INTO customers (phone, locale) VALUES ($1, $2) RETURNING id", phone, locale
-    )
-    token = issue_access_token(
-        env.settings,
-        Principal(kind="customer", id=cid, role="customer", channel="app", branches=()),
-    )
-    return cid, phone, token
-
-
-async def kiosk(pool: asyncpg.Pool, env: ModuleEnv, branch_id: int) -> str:
-    did = await pool.fetchval(
-        "INSERT INTO devices (branch_id, name, secret_hash) VALUES ($1, 'Kiosk', '\\x00') "
-        "RETURNING id",
-        branch_id,
-    )
-    return issue_access_token(
-        env.settings,
-        Principal(kind="device", id=did, role="kiosk", channel="kiosk", branches=(branch_id,)),
-    )
-
-
-async def slots(
-    client: httpx.AsyncClient, bid: int, sid: int, start: datetime, end: datetime, party: int = 1
-) -> list[dict[str, Any]]:
-    resp = await client.get(
-        "/v1/availability",
-        params={
-            "branch_id": bid,
-            "service_id": sid,
-            "from": iso(start),
-            "to": iso(end),
-            "party_size": party,
-        },
-    )
-    assert resp.status_code == 200, resp.text
-    items: list[dict[str, Any]] = resp.json()["items"]
-    return items
-
-
-async def remaining(client: httpx.AsyncClient, bid: int, sid: int, start: datetime) -> int:
-    found = await slots(client, bid, sid, start, start + timedelta(minutes=1))
-    return found[0]["remaining"] if found else 0
-
-
-async def book(
-    client: httpx.AsyncClient,
-    token: str,
-    bid: int,
-    sid: int,
-    start: datetime,
-    *,
-    key: str | None = None,
-    **extra: Any,
-) -> httpx.Response:
-    headers = bearer(token)
-    if key is not None:
-        headers["Idempotency-Key"] = key
-    body = {"branch_id": bid, "service_id": sid, "start": iso(start), **extra}
-    return await client.post("/v1/bookings", json=body, headers=headers)
-
-
-async def invariant_holds(pool: asyncpg.Pool) -> None:
-    async with pool.acquire() as conn:
-        assert await ledger.overbooked(conn) == []
-
 
 # --- availability ----------------------------------------------------------------
 
@@ -416,7 +288,7 @@ async def test_reschedule_into_a_full_slot_keeps_the_old_one(
     # pending reminders moved with it
     rows = await pool.fetch(
         "SELECT dedupe_key, send_at FROM messages WHERE dedupe_key LIKE $1 "
-        "AND status = 'pending' AND template = 'reminder' ORDER BY send_at",
+        "AND status = 'pending' AND template IN ('reminder', 'confirm_request') ORDER BY send_at",
         f"booking:{booking['id']}:%",
     )
     assert [r["send_at"] for r in rows] == [free - timedelta(hours=24), free - timedelta(hours=2)]
@@ -424,14 +296,6 @@ async def test_reschedule_into_a_full_slot_keeps_the_old_one(
 
 
 # --- messages -----------------------------------------------------------------------
-
-
-async def messages_of(pool: asyncpg.Pool, booking_id: int) -> dict[str, datetime]:
-    rows = await pool.fetch(
-        "SELECT dedupe_key, send_at FROM messages WHERE dedupe_key LIKE $1",
-        f"booking:{booking_id}:%",
-    )
-    return {r["dedupe_key"].split(":")[2]: r["send_at"] for r in rows}
 
 
 async def test_reminders_land_exactly_24h_and_2h_before_and_skip_the_past(
@@ -467,15 +331,6 @@ async def test_reminders_land_exactly_24h_and_2h_before_and_skip_the_past(
     very_soon = at_hour(0, 0)  # under 2 hours ahead: no reminder at all
     booking = (await book(client, token, bid, sid, very_soon)).json()
     assert set(await messages_of(pool, booking["id"])) == {"confirmation"}
-
-
-_sids = itertools.count(1)
-
-
-async def sms(pool: asyncpg.Pool, phone: str, body: str) -> str:
-    return await handle_inbound(
-        pool, message_sid=f"SMbooking{next(_sids):024d}", phone=phone, to="+15005550006", body=body
-    )
 
 
 async def test_sms_y_from_the_bookings_phone_confirms_and_another_phone_changes_nothing(
@@ -517,15 +372,22 @@ async def test_sms_n_cancels_the_next_booking_and_frees_it(
     await invariant_holds(pool)
 
 
-async def test_only_customers_and_kiosks_book_with_one_kind_of_body(
+async def test_bookers_act_within_their_branches_with_one_kind_of_body(
     client: httpx.AsyncClient, pool: asyncpg.Pool, module_env: ModuleEnv
 ) -> None:
     bid, sid, _ = await seed(pool)
+    other_bid, _, _ = await seed(pool)
     resp = await book(client, "nonsense", bid, sid, at_hour(1))
     assert resp.status_code == 401
-    admin = await make_staff(pool, "admin")
-    resp = await book(client, await login(client, admin), bid, sid, at_hour(1))
+    # staff of another branch may not book here; staff of this branch may
+    outsider = await make_staff(pool, "staff", [other_bid])
+    resp = await book(client, await login(client, outsider), bid, sid, at_hour(1))
     assert resp.status_code == 403
+    assert resp.json()["code"] == "branch_forbidden"
+    insider = await make_staff(pool, "staff", [bid])
+    resp = await book(client, await login(client, insider), bid, sid, at_hour(1))
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["channel"] == "staff"
     _, _, token = await customer(pool, module_env)
     resp = await client.post(
         "/v1/bookings", json={"hold_id": 1, "start": iso(at_hour(1))}, headers=bearer(token)

@@ -8,7 +8,9 @@ A message nobody handles is kept in the SMS inbox for staff.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 import structlog
@@ -18,6 +20,7 @@ from selfserve.db import Conn, transaction
 from selfserve.logs import mask_phone
 from selfserve.messaging.keywords import Classified, Intent, classify, guess_locale
 from selfserve.messaging.templates import pick_locale, render
+from selfserve.settings import Settings
 
 log = structlog.get_logger("selfserve.sms.inbound")
 
@@ -30,6 +33,9 @@ class InboundSms:
     body: str
     locale: str
     classified: Classified
+    settings: Settings = field(default_factory=Settings)
+    # Outbox rows a handler wrote: (message id, send_at), enqueued after commit.
+    outbox: list[tuple[int | None, datetime]] = field(default_factory=list)
 
 
 # A handler answers with the reply text, or None to leave the message for staff.
@@ -92,7 +98,14 @@ def twiml(reply: str | None) -> str:
 
 
 async def handle_inbound(
-    pool: asyncpg.Pool, *, message_sid: str, phone: str, to: str, body: str
+    pool: asyncpg.Pool,
+    *,
+    message_sid: str,
+    phone: str,
+    to: str,
+    body: str,
+    settings: Settings | None = None,
+    redis: Any = None,
 ) -> str:
     """Apply an inbound SMS once and return the TwiML answer.
 
@@ -108,7 +121,9 @@ async def handle_inbound(
             return twiml(replayed)
         known_locale = await conn.fetchval(CUSTOMER_LOCALE_SQL, phone)
         locale = pick_locale(known_locale or guess_locale(body))
-        sms = InboundSms(message_sid, phone, to, body, locale, classify(body))
+        sms = InboundSms(
+            message_sid, phone, to, body, locale, classify(body), settings or Settings()
+        )
         handler = registered(sms.classified.intent)
         reply = await handler(conn, sms) if handler is not None else None
         handled = reply is not None
@@ -116,6 +131,11 @@ async def handle_inbound(
             await conn.execute(INBOX_SQL, inbound_id, phone, body, locale)
             reply = render("received_reply", locale).body
         await conn.execute(RECORD_SQL, inbound_id, sms.classified.intent, locale, reply, handled)
+    if redis is not None and sms.outbox:
+        from selfserve.messaging.service import enqueue_after_commit  # imports this module
+
+        for message_id, send_at in sms.outbox:
+            await enqueue_after_commit(redis, [message_id], send_at)
     log.info(
         "sms_received",
         message_sid=message_sid,

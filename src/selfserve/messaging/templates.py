@@ -36,6 +36,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "opt_in_reply": frozenset(),
     "help_reply": frozenset(),
     "received_reply": frozenset(),
+    "waitlist_declined_reply": frozenset({"service"}),
 }
 
 # GSM 03.38 default alphabet; the extension table costs two septets per character.

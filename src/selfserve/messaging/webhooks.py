@@ -83,7 +83,13 @@ class TwilioWebhookController(Controller):
     ) -> Response[str]:
         await verify_twilio_signature(request, settings)
         reply = await handle_inbound(
-            pool, message_sid=data.message_sid, phone=data.from_, to=data.to, body=data.body
+            pool,
+            message_sid=data.message_sid,
+            phone=data.from_,
+            to=data.to,
+            body=data.body,
+            settings=settings,
+            redis=request.app.state.redis,
         )
         return Response(reply, media_type=TWIML)
 

@@ -540,7 +540,13 @@ async def release_hold(conn: Conn, hold_id: int, now: datetime) -> bool:
 
 
 async def expire_holds(conn: Conn, now: datetime, *, limit: int = 1000) -> int:
-    """Release the seats of holds past their expiry; returns how many were released.
+    """Release the seats of holds past their expiry; returns how many were released."""
+    return len(await expire_due_holds(conn, now, limit=limit))
+
+
+async def expire_due_holds(conn: Conn, now: datetime, *, limit: int = 1000) -> list[Record]:
+    """Release the seats of holds past their expiry; returns the released holds
+    (`id`, `branch_id`).
 
     Idempotent and safe to run concurrently: each due hold is claimed once
     (`FOR UPDATE SKIP LOCKED`, then `released_at` set), and the seats of all claimed
@@ -558,7 +564,8 @@ async def expire_holds(conn: Conn, now: datetime, *, limit: int = 1000) -> int:
         )
         UPDATE holds h SET released_at = $1, release_reason = 'expired'
         FROM due WHERE h.id = due.id
-        RETURNING h.resource_id, h.party_size, lower(h.occupied) AS f, upper(h.occupied) AS t
+        RETURNING h.id, h.branch_id, h.resource_id, h.party_size,
+                  lower(h.occupied) AS f, upper(h.occupied) AS t
         """,
         now,
         limit,
@@ -566,7 +573,40 @@ async def expire_holds(conn: Conn, now: datetime, *, limit: int = 1000) -> int:
     await _apply(
         conn, [Change(r["resource_id"], 0, r["f"], r["t"], -r["party_size"]) for r in rows]
     )
-    return len(rows)
+    return list(rows)
+
+
+async def mark_no_shows(
+    conn: Conn, started_before: datetime, now: datetime, *, limit: int = 1000
+) -> list[Record]:
+    """Mark active bookings that started before `started_before` and were never checked
+    in as no-shows, giving their seats back; returns them (`id`, `branch_id`).
+
+    Safe to run concurrently, like `expire_due_holds`."""
+    _require_transaction(conn)
+    rows = await conn.fetch(
+        """
+        WITH due AS (
+            SELECT id FROM bookings
+            WHERE status IN ('pending_payment', 'confirmed') AND checked_in_at IS NULL
+              AND starts_at < $1
+            ORDER BY starts_at, id
+            LIMIT $3
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE bookings b SET status = 'no_show', no_show_at = $2, updated_at = now()
+        FROM due WHERE b.id = due.id
+        RETURNING b.id, b.branch_id, b.resource_id, b.party_size,
+                  lower(b.occupied) AS f, upper(b.occupied) AS t
+        """,
+        started_before,
+        now,
+        limit,
+    )
+    await _apply(
+        conn, [Change(r["resource_id"], 0, r["f"], r["t"], -r["party_size"]) for r in rows]
+    )
+    return list(rows)
 
 
 async def cancel_booking(conn: Conn, booking_id: int, now: datetime) -> bool:

@@ -3,7 +3,7 @@ server-owned fields (status, resource, channel, code)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Literal
 
 import msgspec
@@ -91,4 +91,57 @@ class BookingOut(msgspec.Struct, kw_only=True):
 
 class BookingPage(msgspec.Struct, kw_only=True):
     items: list[BookingOut]
+    next_cursor: str | None
+
+
+WallClock = Annotated[
+    str,
+    Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", description="Branch wall time, HH:MM"),
+]
+WaitlistStatus = Literal[
+    "waiting", "offered", "booked", "lapsed", "declined", "cancelled", "expired"
+]
+
+
+class WaitlistCreate(Input, kw_only=True):
+    """Wait for a seat on `date` (branch calendar) starting between `earliest` and
+    `latest` (branch wall times, inclusive)."""
+
+    branch_id: Id
+    service_id: Id
+    date: date
+    earliest: WallClock
+    latest: WallClock
+    party_size: PartySize = 1
+
+
+class WaitlistOffer(msgspec.Struct, kw_only=True):
+    """A seat held for the entry; book it with `POST /v1/bookings {hold_id}` (or reply
+    Y to the SMS) before `expires_at`."""
+
+    hold_id: int
+    start: datetime
+    end: datetime
+    local_start: str
+    expires_at: datetime
+
+
+class WaitlistOut(msgspec.Struct, kw_only=True):
+    id: int
+    status: WaitlistStatus
+    branch_id: int
+    service_id: int
+    date: date
+    earliest: str
+    latest: str
+    party_size: int
+    timezone: str
+    channel: str
+    offer: WaitlistOffer | None = None
+    booking_id: int | None = None
+    created_at: datetime
+
+
+class WaitlistPage(msgspec.Struct, kw_only=True):
+    items: list[WaitlistOut]
     next_cursor: str | None

@@ -105,3 +105,33 @@ VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (principal, key) DO NOTHING
 RETURNING 1
 """
+
+# No-shows of a customer or a phone since $3, counted up to $4.
+RECENT_NO_SHOWS = """
+SELECT count(*) FROM (
+    SELECT 1 FROM bookings
+    WHERE status = 'no_show' AND starts_at >= $3
+      AND (customer_id = $1 OR phone = $2)
+    LIMIT $4
+) n
+"""
+
+# A second live entry for the same customer, service and day is refused (NULL).
+INSERT_WAITLIST_ENTRY = """
+INSERT INTO waitlist_entries (branch_id, service_id, customer_id, party_size, local_date,
+                              earliest_local, latest_local, earliest_at, latest_at, channel)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (customer_id, branch_id, service_id, local_date)
+    WHERE status IN ('waiting', 'offered') DO NOTHING
+RETURNING id
+"""
+
+WAITLIST_OF_CUSTOMER = """
+SELECT w.*, b.timezone, h.starts_at AS offer_start, h.ends_at AS offer_end
+FROM waitlist_entries w
+JOIN branches b ON b.id = w.branch_id
+LEFT JOIN holds h ON h.id = w.hold_id
+WHERE w.customer_id = $1 AND ($2::bigint IS NULL OR w.id < $2)
+ORDER BY w.id DESC
+LIMIT $3
+"""

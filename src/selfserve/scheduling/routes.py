@@ -1,4 +1,5 @@
-"""Booking HTTP: availability (anyone), holds and bookings (customers and kiosks)."""
+"""Booking HTTP: availability (anyone), holds and bookings (customers, kiosks and staff),
+the waitlist (customers)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParam
 
 from selfserve.auth.guards import Caller, require
 from selfserve.catalog.models import MAX_BIGINT
-from selfserve.context import DbPool
+from selfserve.context import AppSettings, DbPool
 from selfserve.openapi_util import problems
 from selfserve.scheduling import service as svc
+from selfserve.scheduling import slots
 from selfserve.scheduling.models import (
     BookingCreate,
     BookingOut,
@@ -22,7 +24,11 @@ from selfserve.scheduling.models import (
     HoldOut,
     Reschedule,
     SlotPage,
+    WaitlistCreate,
+    WaitlistOut,
+    WaitlistPage,
 )
+from selfserve.scheduling.policy import policy_of
 
 Redis = NamedDependency[Any]
 PathId = Annotated[int, PathParameter(le=MAX_BIGINT)]
@@ -44,10 +50,13 @@ IdempotencyKey = Annotated[
     ),
 ]
 SECURITY: list[dict[str, list[str]]] = [{"BearerToken": []}]
-BOOKERS = ("customer", "kiosk")
+BOOKERS = ("customer", "kiosk", "staff", "manager", "admin")
 CONFLICTS = (
     "`slot_full` (no seats left), `slot_unavailable` (not a slot of the service), "
     "`hold_expired`, `booking_not_active`"
+)
+NO_SHOWS = (
+    "`staff_booking_required` (repeated no-shows: staff book for this customer), `branch_forbidden`"
 )
 REPLAYED = "Idempotent-Replayed"
 
@@ -79,14 +88,14 @@ class AvailabilityController(Controller):
         ],
         party_size: Annotated[int, QueryParameter(ge=1, le=1000)] = 1,
     ) -> SlotPage:
-        items = await svc.availability(
+        items = await slots.availability(
             pool,
             branch_id=branch_id,
             service_id=service_id,
             window_from=window_from,
             window_to=window_to,
             party_size=party_size,
-            now=svc.utcnow(),
+            now=slots.utcnow(),
         )
         return SlotPage(items=items)
 
@@ -100,18 +109,24 @@ class HoldController(Controller):
     @post(
         "/",
         operation_id="createHold",
-        summary="Hold a slot for a few minutes (customer or kiosk)",
-        responses=problems(401, 403, 404, 409, 413, 422, s409=CONFLICTS),
+        summary="Hold a slot for a few minutes (customer, kiosk or staff)",
+        responses=problems(401, 403, 404, 409, 413, 422, s403=NO_SHOWS, s409=CONFLICTS),
     )
     async def create(
         self,
         pool: DbPool,
+        settings: AppSettings,
         principal: Caller,
         data: JSONBody[HoldCreate],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[HoldOut]:
         out, replayed = await svc.create_hold(
-            pool, principal, data, idempotency_key=idempotency_key, now=svc.utcnow()
+            pool,
+            principal,
+            data,
+            idempotency_key=idempotency_key,
+            now=slots.utcnow(),
+            policy=policy_of(settings),
         )
         return _created(out, replayed)
 
@@ -124,20 +139,30 @@ class BookingController(Controller):
     @post(
         "/",
         operation_id="createBooking",
-        summary="Book a held slot or a slot directly (customer or kiosk)",
-        responses=problems(401, 403, 404, 409, 413, 422, s409=CONFLICTS),
+        summary="Book a held slot or a slot directly (customer, kiosk or staff)",
+        description="Kiosks and staff book for someone else and may send their `phone` "
+        "(texted the confirmation and reminders). A customer with repeated no-shows gets "
+        "403 `staff_booking_required`; staff can still book for them.",
+        responses=problems(401, 403, 404, 409, 413, 422, s403=NO_SHOWS, s409=CONFLICTS),
         guards=[require(*BOOKERS)],
     )
     async def create(
         self,
         pool: DbPool,
         redis: Redis,
+        settings: AppSettings,
         principal: Caller,
         data: JSONBody[BookingCreate],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[BookingOut]:
         out, replayed = await svc.create_booking(
-            pool, redis, principal, data, idempotency_key=idempotency_key, now=svc.utcnow()
+            pool,
+            redis,
+            principal,
+            data,
+            idempotency_key=idempotency_key,
+            now=slots.utcnow(),
+            policy=policy_of(settings),
         )
         return _created(out, replayed)
 
@@ -168,12 +193,27 @@ class BookingController(Controller):
         "/{booking_id:int}/cancel",
         operation_id="cancelBooking",
         status_code=200,
-        summary="Cancel a booking; frees its seats at once (customer)",
+        summary="Cancel a booking; frees its seats at once and offers them to the waitlist "
+        "(customer)",
         responses=problems(401, 403, 404, 409, s409="`booking_not_active`"),
         guards=[require("customer")],
     )
-    async def cancel(self, pool: DbPool, principal: Caller, booking_id: PathId) -> BookingOut:
-        return await svc.cancel_booking(pool, principal, booking_id, now=svc.utcnow())
+    async def cancel(
+        self,
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        booking_id: PathId,
+    ) -> BookingOut:
+        return await svc.cancel_booking(
+            pool,
+            principal,
+            booking_id,
+            now=slots.utcnow(),
+            redis=redis,
+            policy=policy_of(settings),
+        )
 
     @post(
         "/{booking_id:int}/reschedule",
@@ -187,13 +227,101 @@ class BookingController(Controller):
         self,
         pool: DbPool,
         redis: Redis,
+        settings: AppSettings,
         principal: Caller,
         booking_id: PathId,
         data: JSONBody[Reschedule],
     ) -> BookingOut:
         return await svc.reschedule_booking(
-            pool, redis, principal, booking_id, data.start, now=svc.utcnow()
+            pool,
+            redis,
+            principal,
+            booking_id,
+            data.start,
+            now=slots.utcnow(),
+            policy=policy_of(settings),
         )
 
 
-ROUTERS = [AvailabilityController, HoldController, BookingController]
+class WaitlistController(Controller):
+    path = "/v1/waitlist"
+    tags = ["Booking"]
+    security = SECURITY
+    guards = [require("customer")]
+
+    @post(
+        "/",
+        operation_id="joinWaitlist",
+        summary="Wait for a seat on a day between two wall times (customer)",
+        description="When seats free up (a cancel, a reschedule, an expired hold) the oldest "
+        "matching entry gets a hold on the earliest fitting slot and an SMS offer; book it "
+        "with `POST /v1/bookings {hold_id}` or reply Y before `offer.expires_at`, reply N to "
+        "pass it on. A free seat already there is offered at once. One open entry per "
+        "service and day: a second is 409 `already_waitlisted`.",
+        responses=problems(
+            401, 403, 404, 409, 413, 422, s403=NO_SHOWS, s409="`already_waitlisted`"
+        ),
+    )
+    async def join(
+        self,
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        data: JSONBody[WaitlistCreate],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[WaitlistOut]:
+        out, replayed = await svc.join_waitlist(
+            pool,
+            redis,
+            principal,
+            data,
+            idempotency_key=idempotency_key,
+            now=slots.utcnow(),
+            policy=policy_of(settings),
+        )
+        return _created(out, replayed)
+
+    @get(
+        "/",
+        operation_id="listWaitlist",
+        summary="The caller's waitlist entries, newest first (customer)",
+        responses=problems(401, 403, 422),
+    )
+    async def list(
+        self, pool: DbPool, principal: Caller, limit: Limit = 50, cursor: Cursor = None
+    ) -> WaitlistPage:
+        items, nxt = await svc.list_waitlist(pool, principal, limit=limit, cursor=cursor)
+        return WaitlistPage(items=items, next_cursor=nxt)
+
+    @get(
+        "/{entry_id:int}",
+        operation_id="getWaitlistEntry",
+        summary="One of the caller's waitlist entries, with its open offer (customer)",
+        responses=problems(401, 403, 404),
+    )
+    async def get(self, pool: DbPool, principal: Caller, entry_id: PathId) -> WaitlistOut:
+        return await svc.get_waitlist_entry(pool, principal, entry_id)
+
+    @post(
+        "/{entry_id:int}/cancel",
+        operation_id="leaveWaitlist",
+        status_code=200,
+        summary="Leave the waitlist; a seat held for an open offer goes to the next entry "
+        "(customer)",
+        responses=problems(401, 403, 404, 409, s409="`waitlist_entry_closed`"),
+    )
+    async def cancel(
+        self,
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        entry_id: PathId,
+    ) -> WaitlistOut:
+        return await svc.leave_waitlist(
+            pool, redis, principal, entry_id, now=slots.utcnow(), policy=policy_of(settings)
+        )
+
+
+ROUTERS = [AvailabilityController, HoldController, BookingController, WaitlistController]

@@ -1,4 +1,4 @@
-"""Booking use cases: availability, holds, bookings, cancel, reschedule, SMS replies.
+"""Booking use cases: holds, bookings, cancel, reschedule, waitlist, no-shows, SMS replies.
 
 Each write runs in one transaction (`db.in_transaction_with_retry`): it computes the
 slot afresh from the rows, picks the least-loaded qualified resource, and lets the
@@ -14,22 +14,29 @@ Choices worth knowing
   `slot_full`.
 - Holds past their expiry that the sweep has not released yet are not shown as
   taken. A write refused by the ledger releases expired holds (one sweep pass in its
-  own transaction) and, when that freed anything, runs once more.
+  own transaction, which also offers the seats to the waitlist first) and, when
+  that freed anything, runs once more.
+- Seats freed by a cancel, a reschedule or an expiry are offered to the waitlist in
+  the same transaction (`waitlist.py`).
 - Idempotency: only successful responses are recorded (a refused request changed
   nothing, so running it again is safe). Keys are per caller; the record is the
   response body and status, replayed as they were.
 - Outbox dedupe keys: `booking:<id>:confirmation`, and reminders
-  `booking:<id>:reminder_24h:<start, unix seconds>` / `...:reminder_2h:<...>`. The
-  start in the key lets a reschedule move a pending reminder (by prefix
-  `booking:<id>:reminder_24h:`) or, when the old one is already sent, queue a new one.
+  `booking:<id>:<kind>:<start, unix seconds>` with kinds `reminder_24h`,
+  `reminder_2h` (from `SELFSERVE_REMINDERS`). The start in the key lets a reschedule
+  move a pending reminder (by prefix `booking:<id>:reminder_24h:`) or, when the old
+  one is already sent, queue a new one.
+- Repeated no-shows: a customer (or a walk-in phone at a kiosk) with
+  `SELFSERVE_NO_SHOW_LIMIT` no-shows in the window gets 403
+  `staff_booking_required` for holds, bookings and the waitlist; staff book for them.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
@@ -43,13 +50,13 @@ from selfserve.auth.tokens import Principal
 from selfserve.db import Conn, Record
 from selfserve.errors import (
     BookingNotActive,
+    Conflict,
     FieldError,
     Forbidden,
     IdempotencyKeyReused,
     InvalidInput,
     NotFound,
     SlotFull,
-    SlotUnavailable,
 )
 from selfserve.messaging import inbound
 from selfserve.messaging.service import (
@@ -58,280 +65,101 @@ from selfserve.messaging.service import (
     queue_template,
     reschedule_messages,
 )
-from selfserve.messaging.templates import DEFAULT_LOCALE, pick_locale, render
+from selfserve.messaging.templates import DEFAULT_LOCALE, PLACEHOLDERS, pick_locale, render
 from selfserve.phones import normalise_phone
-from selfserve.scheduling import ledger
+from selfserve.scheduling import ledger, waitlist
 from selfserve.scheduling import queries as q
-from selfserve.scheduling.availability import (
-    BranchCalendar,
-    Commitment,
-    ResourceSchedule,
-    ServiceRules,
-    Slot,
-    available_slots,
-)
 from selfserve.scheduling.models import (
     BookingCreate,
     BookingOut,
     HoldCreate,
     HoldOut,
-    SlotOut,
+    WaitlistCreate,
+    WaitlistOut,
+)
+from selfserve.scheduling.policy import DEFAULT_POLICY, BookingPolicy, Reminder, policy_of
+from selfserve.scheduling.slots import (
+    Outbox,
+    check_party,
+    find_resources,
+    first_that_fits,
+    load_context,
+    local_iso,
+    utcnow,
 )
 
 log = structlog.get_logger("selfserve.booking")
 
-MAX_RANGE = timedelta(days=31)
-REMINDERS: tuple[tuple[str, timedelta], ...] = (
-    ("reminder_24h", timedelta(hours=24)),
-    ("reminder_2h", timedelta(hours=2)),
-)
-_TINY = timedelta(microseconds=1)
 S = TypeVar("S", bound=msgspec.Struct)
 T = TypeVar("T")
+STAFF_ROLES = ("staff", "manager", "admin")
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+async def _enqueue(redis: ArqRedis | None, outbox: Outbox) -> None:
+    if redis is not None:
+        for message_id, send_at in outbox:
+            await enqueue_after_commit(redis, [message_id], send_at)
 
 
-# --- context -------------------------------------------------------------------
+async def expire_and_offer(conn: Conn, policy: BookingPolicy, now: datetime, outbox: Outbox) -> int:
+    """Release expired holds, lapse the offers among them, and offer the freed seats to
+    the waitlist, in the caller's transaction; returns how many holds were released."""
+    released = await ledger.expire_due_holds(conn, now)
+    if released:
+        await waitlist.lapse_offers(conn, [r["id"] for r in released])
+        await waitlist.offer_freed(conn, policy, now, {r["branch_id"] for r in released}, outbox)
+    return len(released)
 
 
-@dataclass(frozen=True)
-class Context:
-    branch_id: int
-    service_id: int
-    timezone: str
-    branch_name: str
-    service_name: str
-    deposit_minor: int
-    cancellation_window_min: int
-    calendar: BranchCalendar
-    rules: ServiceRules
+async def _expire_due(
+    pool: asyncpg.Pool, redis: ArqRedis | None, policy: BookingPolicy, now: datetime
+) -> int:
+    async def run(conn: Conn) -> tuple[int, Outbox]:
+        outbox: Outbox = []
+        return await expire_and_offer(conn, policy, now, outbox), outbox
+
+    released, outbox = await db.in_transaction_with_retry(pool, run)
+    await _enqueue(redis, outbox)
+    return released
 
 
-def _minute(clock: str) -> int:
-    hours, _, minutes = clock.partition(":")
-    return int(hours) * 60 + int(minutes)
-
-
-async def load_context(conn: Conn, branch_id: int, service_id: int) -> Context:
-    """The branch calendar and the service rules; a missing or inactive one is a 404."""
-    row = await conn.fetchrow(q.BRANCH_SERVICE, service_id, branch_id)
-    if row is None or not row["branch_active"] or not row["service_active"]:
-        raise NotFound()
-    hours = tuple(
-        (int(h["weekday"]), _minute(h["opens"]), _minute(h["closes"])) for h in row["opening_hours"]
-    )
-    closures = frozenset(date.fromisoformat(c["date"]) for c in row["closures"])
-    return Context(
-        branch_id=branch_id,
-        service_id=service_id,
-        timezone=row["timezone"],
-        branch_name=row["branch_name"],
-        service_name=row["service_name"],
-        deposit_minor=row["deposit_minor"],
-        cancellation_window_min=row["cancellation_window_min"],
-        calendar=BranchCalendar(
-            timezone=row["timezone"],
-            opening_hours=hours,
-            closures=closures,
-            walk_in_reserve=float(row["walk_in_reserve"]),
-        ),
-        rules=ServiceRules(
-            duration_min=row["duration_min"],
-            buffer_before_min=row["buffer_before_min"],
-            buffer_after_min=row["buffer_after_min"],
-            slot_interval_min=row["slot_interval_min"],
-            lead_time_min=row["lead_time_min"],
-            horizon_days=row["horizon_days"],
-            min_party=row["min_party"],
-            max_party=row["max_party"],
-        ),
-    )
-
-
-def _check_party(ctx: Context, party_size: int) -> None:
-    if not ctx.rules.min_party <= party_size <= ctx.rules.max_party:
-        raise InvalidInput.field(
-            "party_size",
-            f"must lie between {ctx.rules.min_party} and {ctx.rules.max_party} for this service",
-        )
-
-
-async def compute_slots(
-    conn: Conn,
-    ctx: Context,
-    *,
-    party_size: int,
-    window_from: datetime,
-    window_to: datetime,
-    now: datetime,
-    ignore_booking: int = 0,
-    with_commitments: bool = True,
-) -> list[Slot]:
-    """Slots in [window_from, window_to), reading only what overlaps that range."""
-    rules = ctx.rules
-    lo = max(window_from, now + timedelta(minutes=rules.lead_time_min))
-    hi = min(window_to, now + timedelta(days=rules.horizon_days))
-    if lo >= hi:
-        return []
-    resources = await conn.fetch(q.RESOURCES, ctx.service_id, ctx.branch_id)
-    if not resources:
-        return []
-    ids = [r["id"] for r in resources]
-    span_lo = lo - timedelta(minutes=rules.buffer_before_min)
-    span_hi = hi + timedelta(minutes=rules.duration_min + rules.buffer_after_min)
-    shifts: dict[int, list[tuple[int, int, int]]] = {i: [] for i in ids}
-    exceptions: dict[int, list[tuple[datetime, datetime, bool]]] = {i: [] for i in ids}
-    for s in await conn.fetch(q.SCHEDULES, ids, span_lo, span_hi):
-        if s["kind"] == "shift":
-            shifts[s["resource_id"]].append((s["weekday"], s["start_minute"], s["end_minute"]))
-        else:
-            exceptions[s["resource_id"]].append((s["starts_at"], s["ends_at"], s["available"]))
-    commitments: list[Commitment] = []
-    if with_commitments:
-        commitments = [
-            Commitment(c["resource_id"], c["starts_at"], c["ends_at"], c["seats"])
-            for c in await conn.fetch(q.COMMITMENTS, ids, span_lo, span_hi, now, ignore_booking)
-        ]
-    schedules = [
-        ResourceSchedule(
-            resource_id=r["id"],
-            kind=r["kind"],
-            capacity=r["capacity"],
-            shifts=tuple(shifts[r["id"]]),
-            exceptions=tuple(exceptions[r["id"]]),
-        )
-        for r in resources
-    ]
-    return available_slots(
-        ctx.calendar,
-        rules,
-        schedules,
-        commitments,
-        party_size=party_size,
-        window_from=lo,
-        window_to=hi,
-        now=now,
-    )
-
-
-def _local(instant: datetime, timezone: str) -> str:
-    return instant.astimezone(ZoneInfo(timezone)).isoformat()
-
-
-async def availability(
+async def _write(
     pool: asyncpg.Pool,
-    *,
-    branch_id: int,
-    service_id: int,
-    window_from: datetime,
-    window_to: datetime,
-    party_size: int,
+    redis: ArqRedis | None,
+    policy: BookingPolicy,
+    fn: Callable[[Conn], Awaitable[T]],
     now: datetime,
-) -> list[SlotOut]:
-    errors: list[FieldError] = []
-    for name, value in (("from", window_from), ("to", window_to)):
-        if value.tzinfo is None or value.utcoffset() is None:
-            errors.append(FieldError(name, "must carry a UTC offset (RFC 3339)"))
-    if errors:
-        raise InvalidInput(errors=errors)
-    if window_to <= window_from:
-        raise InvalidInput.field("to", "must be after from")
-    if window_to - window_from > MAX_RANGE:
-        raise InvalidInput.field("to", "the range may span at most 31 days")
-    async with pool.acquire() as conn:
-        ctx = await load_context(conn, branch_id, service_id)
-        _check_party(ctx, party_size)
-        slots = await compute_slots(
-            conn,
-            ctx,
-            party_size=party_size,
-            window_from=window_from,
-            window_to=window_to,
-            now=now,
-        )
-    return [
-        SlotOut(
-            start=s.start,
-            end=s.end,
-            local_start=s.local_start.isoformat(),
-            timezone=ctx.timezone,
-            remaining=s.remaining,
-        )
-        for s in slots
-    ]
-
-
-async def _candidates(
-    conn: Conn,
-    ctx: Context,
-    start: datetime,
-    party_size: int,
-    now: datetime,
-    *,
-    ignore_booking: int = 0,
-) -> list[int]:
-    """Resources that can take the party at `start`, least loaded first.
-
-    `SlotUnavailable` when `start` is no slot at all, `SlotFull` when no seats are left."""
-    start = start.astimezone(UTC)
-    end = start + _TINY
-    slots = await compute_slots(
-        conn,
-        ctx,
-        party_size=party_size,
-        window_from=start,
-        window_to=end,
-        now=now,
-        ignore_booking=ignore_booking,
-    )
-    slot = next((s for s in slots if s.start == start), None)
-    if slot is None:
-        empty = await compute_slots(
-            conn,
-            ctx,
-            party_size=party_size,
-            window_from=start,
-            window_to=end,
-            now=now,
-            with_commitments=False,
-        )
-        if any(s.start == start for s in empty):
-            raise SlotFull()
-        raise SlotUnavailable()
-    fits = [(free, rid) for rid, free in slot.free_by_resource if free >= party_size]
-    # The first is what `pick_resource` picks: most free seats, then lowest id.
-    return [rid for _, rid in sorted(fits, key=lambda f: (-f[0], f[1]))]
-
-
-async def _first_that_fits(candidates: Sequence[int], attempt: Callable[[int], Awaitable[T]]) -> T:
-    """Try each candidate resource; the ledger is unchanged after a refusal."""
-    for rid in candidates:
-        try:
-            return await attempt(rid)
-        except SlotFull:
-            continue
-    raise SlotFull()
-
-
-async def _expire_due(pool: asyncpg.Pool, now: datetime) -> int:
-    async def run(conn: Conn) -> int:
-        return await ledger.expire_holds(conn, now)
-
-    return await db.in_transaction_with_retry(pool, run)
-
-
-async def _write(pool: asyncpg.Pool, fn: Callable[[Conn], Awaitable[T]], now: datetime) -> T:
+) -> T:
     """Run `fn` in a transaction; when the ledger refuses, release expired holds and,
     if that freed anything, run it once more."""
     try:
         return await db.in_transaction_with_retry(pool, fn)
     except SlotFull:
-        if not await _expire_due(pool, now):
+        if not await _expire_due(pool, redis, policy, now):
             raise
     return await db.in_transaction_with_retry(pool, fn)
+
+
+async def _check_no_show_rule(
+    conn: Conn,
+    principal: Principal,
+    policy: BookingPolicy,
+    now: datetime,
+    *,
+    phone: str | None,
+) -> None:
+    """Customers (and kiosk walk-ins by phone) with too many recent no-shows must be
+    booked by staff."""
+    if policy.no_show_limit <= 0 or principal.role in STAFF_ROLES:
+        return
+    customer_id = principal.id if principal.kind == "customer" else None
+    if customer_id is None and phone is None:
+        return
+    count = await conn.fetchval(
+        q.RECENT_NO_SHOWS, customer_id, phone, now - policy.no_show_window, policy.no_show_limit
+    )
+    if count >= policy.no_show_limit:
+        raise Forbidden(code="staff_booking_required")
 
 
 # --- idempotency ---------------------------------------------------------------
@@ -367,9 +195,6 @@ class Outcome:
     replayed: bool
 
 
-Outbox = list[tuple[int | None, datetime]]
-
-
 async def _once(
     pool: asyncpg.Pool,
     redis: ArqRedis | None,
@@ -381,6 +206,7 @@ async def _once(
     out_type: type[S],
     work: Callable[[Conn, Outbox], Awaitable[S]],
     now: datetime,
+    policy: BookingPolicy,
 ) -> tuple[S, bool]:
     digest = request_hash(operation, data)
     if key is not None:
@@ -398,15 +224,13 @@ async def _once(
         return out, outbox
 
     try:
-        out, outbox = await _write(pool, tx, now)
+        out, outbox = await _write(pool, redis, policy, tx, now)
     except _Replay:
         assert key is not None
         stored = await _stored(pool, subject, key, digest)
         assert stored is not None
         return msgspec.convert(stored, out_type), True
-    if redis is not None:
-        for message_id, send_at in outbox:
-            await enqueue_after_commit(redis, [message_id], send_at)
+    await _enqueue(redis, outbox)
     return out, False
 
 
@@ -414,7 +238,8 @@ async def _once(
 
 
 def _require_booker(principal: Principal, branch_id: int) -> None:
-    if principal.role == "kiosk" and not principal.in_scope(branch_id):
+    """Kiosks and staff act only for their own branches."""
+    if principal.kind != "customer" and not principal.in_scope(branch_id):
         raise Forbidden(code="branch_forbidden")
 
 
@@ -425,14 +250,16 @@ async def create_hold(
     *,
     idempotency_key: str | None,
     now: datetime,
+    policy: BookingPolicy = DEFAULT_POLICY,
 ) -> tuple[HoldOut, bool]:
     _require_booker(principal, data.branch_id)
     customer_id = principal.id if principal.kind == "customer" else None
 
     async def work(conn: Conn, outbox: Outbox) -> HoldOut:
+        await _check_no_show_rule(conn, principal, policy, now, phone=None)
         ctx = await load_context(conn, data.branch_id, data.service_id)
-        _check_party(ctx, data.party_size)
-        candidates = await _candidates(conn, ctx, data.start, data.party_size, now)
+        check_party(ctx, data.party_size)
+        candidates = await find_resources(conn, ctx, data.start, data.party_size, now)
 
         async def attempt(rid: int) -> ledger.Hold:
             return await ledger.create_hold(
@@ -443,10 +270,11 @@ async def create_hold(
                 party_size=data.party_size,
                 channel=principal.channel,
                 now=now,
+                ttl=policy.hold_ttl,
                 customer_id=customer_id,
             )
 
-        hold = await _first_that_fits(candidates, attempt)
+        hold = await first_that_fits(candidates, attempt)
         return HoldOut(
             id=hold.id,
             branch_id=hold.branch_id,
@@ -454,7 +282,7 @@ async def create_hold(
             party_size=hold.party_size,
             start=hold.starts_at,
             end=hold.ends_at,
-            local_start=_local(hold.starts_at, ctx.timezone),
+            local_start=local_iso(hold.starts_at, ctx.timezone),
             timezone=ctx.timezone,
             expires_at=hold.expires_at,
         )
@@ -469,6 +297,7 @@ async def create_hold(
         out_type=HoldOut,
         work=work,
         now=now,
+        policy=policy,
     )
 
 
@@ -482,7 +311,7 @@ def booking_out(row: Record) -> BookingOut:
         status=row["status"],
         start=row["starts_at"],
         end=row["ends_at"],
-        local_start=_local(row["starts_at"], row["timezone"]),
+        local_start=local_iso(row["starts_at"], row["timezone"]),
         timezone=row["timezone"],
         branch_id=row["branch_id"],
         service_id=row["service_id"],
@@ -512,18 +341,19 @@ async def _queue_reminder(
     booking: Record,
     phone: str,
     locale: str,
-    kind: str,
+    reminder: Reminder,
     send_at: datetime,
 ) -> None:
     start_key = int(booking["starts_at"].timestamp())
+    params = _booking_sms_params(booking)
     message_id = await queue_template(
         conn,
-        "reminder",
+        reminder.template,
         locale,
-        _booking_sms_params(booking),
+        {k: v for k, v in params.items() if k in PLACEHOLDERS[reminder.template]},
         phone=phone,
         send_at=send_at,
-        dedupe_key=f"booking:{booking['id']}:{kind}:{start_key}",
+        dedupe_key=f"booking:{booking['id']}:{reminder.kind}:{start_key}",
         branch_id=booking["branch_id"],
         customer_id=booking["customer_id"],
     )
@@ -540,23 +370,33 @@ def _booking_sms_params(booking: Record) -> dict[str, object]:
 
 
 async def _queue_booking_messages(
-    conn: Conn, outbox: Outbox, booking: Record, phone: str, locale: str, now: datetime
+    conn: Conn,
+    outbox: Outbox,
+    booking: Record,
+    phone: str,
+    locale: str,
+    now: datetime,
+    policy: BookingPolicy,
+    *,
+    confirmation: bool = True,
 ) -> None:
-    """Confirmation now; reminders 24 h and 2 h before the start instant, if still ahead."""
-    message_id = await queue_template(
-        conn,
-        "booking_confirmation",
-        locale,
-        _booking_sms_params(booking),
-        phone=phone,
-        send_at=now,
-        dedupe_key=f"booking:{booking['id']}:confirmation",
-        branch_id=booking["branch_id"],
-        customer_id=booking["customer_id"],
-    )
-    outbox.append((message_id, now))
-    for kind, before in REMINDERS:
-        send_at = booking["starts_at"] - before
+    """Confirmation now (unless the caller answers with it); reminders at the policy's
+    leads before the start instant, if still ahead."""
+    if confirmation:
+        message_id = await queue_template(
+            conn,
+            "booking_confirmation",
+            locale,
+            _booking_sms_params(booking),
+            phone=phone,
+            send_at=now,
+            dedupe_key=f"booking:{booking['id']}:confirmation",
+            branch_id=booking["branch_id"],
+            customer_id=booking["customer_id"],
+        )
+        outbox.append((message_id, now))
+    for reminder in policy.reminders:
+        send_at = booking["starts_at"] - reminder.lead
         if send_at > now:
             await _queue_reminder(
                 conn,
@@ -564,7 +404,7 @@ async def _queue_booking_messages(
                 booking=booking,
                 phone=phone,
                 locale=locale,
-                kind=kind,
+                reminder=reminder,
                 send_at=send_at,
             )
 
@@ -615,6 +455,7 @@ async def create_booking(
     *,
     idempotency_key: str | None,
     now: datetime,
+    policy: BookingPolicy = DEFAULT_POLICY,
 ) -> tuple[BookingOut, bool]:
     _check_booking_body(data)
     if data.branch_id is not None:
@@ -623,6 +464,7 @@ async def create_booking(
 
     async def work(conn: Conn, outbox: Outbox) -> BookingOut:
         phone, locale = await _contact(conn, principal, data.phone)
+        await _check_no_show_rule(conn, principal, policy, now, phone=phone)
         if data.hold_id is not None:
             hold = await conn.fetchrow(q.HOLD_FOR_BOOKING, data.hold_id)
             mine = hold is not None and (
@@ -639,15 +481,16 @@ async def create_booking(
             booking = await ledger.create_booking_from_hold(
                 conn, data.hold_id, now=now, phone=phone, customer_id=customer_id, status=status
             )
+            await waitlist.mark_booked(conn, data.hold_id, booking.id)
         else:
             assert data.branch_id is not None
             assert data.service_id is not None
             assert data.start is not None
             party = data.party_size or 1
             ctx = await load_context(conn, data.branch_id, data.service_id)
-            _check_party(ctx, party)
+            check_party(ctx, party)
             status = "pending_payment" if ctx.deposit_minor > 0 else "confirmed"
-            candidates = await _candidates(conn, ctx, data.start, party, now)
+            candidates = await find_resources(conn, ctx, data.start, party, now)
             start = data.start.astimezone(UTC)
 
             async def attempt(rid: int) -> ledger.Booking:
@@ -664,10 +507,10 @@ async def create_booking(
                     status=status,
                 )
 
-            booking = await _first_that_fits(candidates, attempt)
+            booking = await first_that_fits(candidates, attempt)
         row = await _booking_row(conn, booking.id)
         if phone is not None:
-            await _queue_booking_messages(conn, outbox, row, phone, locale, now)
+            await _queue_booking_messages(conn, outbox, row, phone, locale, now, policy)
         return booking_out(row)
 
     return await _once(
@@ -680,6 +523,7 @@ async def create_booking(
         out_type=BookingOut,
         work=work,
         now=now,
+        policy=policy,
     )
 
 
@@ -696,41 +540,58 @@ async def get_booking(pool: asyncpg.Pool, principal: Principal, booking_id: int)
     return booking_out(row)
 
 
+def _cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    if not cursor.isdigit() or not 0 < int(cursor) < 2**63:
+        raise InvalidInput.field("cursor", "not a cursor from a previous page")
+    return int(cursor)
+
+
 async def list_bookings(
     pool: asyncpg.Pool, principal: Principal, *, limit: int, cursor: str | None
 ) -> tuple[list[BookingOut], str | None]:
-    after: int | None = None
-    if cursor is not None:
-        if not cursor.isdigit() or not 0 < int(cursor) < 2**63:
-            raise InvalidInput.field("cursor", "not a cursor from a previous page")
-        after = int(cursor)
+    after = _cursor(cursor)
     rows = await pool.fetch(q.BOOKINGS_OF_CUSTOMER, principal.id, after, limit + 1)
     items = [booking_out(r) for r in rows[:limit]]
     nxt = str(items[-1].id) if len(rows) > limit and items else None
     return items, nxt
 
 
-async def cancel_in_transaction(conn: Conn, row: Record, now: datetime) -> Record:
-    """Cancel an active booking (seats freed at once, pending messages cancelled);
-    inside the service's cancellation window the late-cancellation policy is recorded."""
+async def cancel_in_transaction(
+    conn: Conn, row: Record, now: datetime, policy: BookingPolicy, outbox: Outbox
+) -> Record:
+    """Cancel an active booking (seats freed at once and offered to the waitlist,
+    pending messages cancelled); inside the service's cancellation window the
+    late-cancellation policy is recorded."""
     if not await ledger.cancel_booking(conn, row["id"], now):
         raise BookingNotActive()
     window = timedelta(minutes=row["cancellation_window_min"])
     if window and now > row["starts_at"] - window:
         await conn.execute(q.MARK_LATE_CANCELLATION, row["id"])
     await cancel_messages(conn, f"booking:{row['id']}:")
+    await waitlist.offer_freed(conn, policy, now, {row["branch_id"]}, outbox)
     return await _booking_row(conn, row["id"])
 
 
 async def cancel_booking(
-    pool: asyncpg.Pool, principal: Principal, booking_id: int, *, now: datetime
+    pool: asyncpg.Pool,
+    principal: Principal,
+    booking_id: int,
+    *,
+    now: datetime,
+    redis: ArqRedis | None = None,
+    policy: BookingPolicy = DEFAULT_POLICY,
 ) -> BookingOut:
-    async def tx(conn: Conn) -> BookingOut:
+    async def tx(conn: Conn) -> tuple[BookingOut, Outbox]:
         row = await _booking_row(conn, booking_id)
         _own(row, principal)
-        return booking_out(await cancel_in_transaction(conn, row, now))
+        outbox: Outbox = []
+        return booking_out(await cancel_in_transaction(conn, row, now, policy, outbox)), outbox
 
-    return await db.in_transaction_with_retry(pool, tx)
+    out, outbox = await db.in_transaction_with_retry(pool, tx)
+    await _enqueue(redis, outbox)
+    return out
 
 
 async def reschedule_booking(
@@ -741,8 +602,10 @@ async def reschedule_booking(
     start: datetime,
     *,
     now: datetime,
+    policy: BookingPolicy = DEFAULT_POLICY,
 ) -> BookingOut:
-    """Move the booking in one step; on 409 it keeps its old slot and resource."""
+    """Move the booking in one step; on 409 it keeps its old slot and resource. The
+    seats it leaves are offered to the waitlist."""
 
     async def tx(conn: Conn) -> tuple[BookingOut, Outbox]:
         row = await _booking_row(conn, booking_id)
@@ -750,7 +613,7 @@ async def reschedule_booking(
         if row["status"] not in ledger.ACTIVE_STATUSES:
             raise BookingNotActive()
         ctx = await load_context(conn, row["branch_id"], row["service_id"])
-        candidates = await _candidates(
+        candidates = await find_resources(
             conn, ctx, start, row["party_size"], now, ignore_booking=booking_id
         )
 
@@ -759,12 +622,12 @@ async def reschedule_booking(
                 conn, booking_id, new_starts_at=start.astimezone(UTC), now=now, new_resource_id=rid
             )
 
-        await _first_that_fits(candidates, attempt)
+        await first_that_fits(candidates, attempt)
         moved = await _booking_row(conn, booking_id)
         outbox: Outbox = []
-        for kind, before in REMINDERS:
-            send_at = moved["starts_at"] - before
-            prefix = f"booking:{booking_id}:{kind}:"
+        for reminder in policy.reminders:
+            send_at = moved["starts_at"] - reminder.lead
+            prefix = f"booking:{booking_id}:{reminder.kind}:"
             if send_at <= now:
                 await cancel_messages(conn, prefix)
                 continue
@@ -781,32 +644,205 @@ async def reschedule_booking(
                     booking=moved,
                     phone=moved["phone"],
                     locale=locale,
-                    kind=kind,
+                    reminder=reminder,
                     send_at=send_at,
                 )
+        await waitlist.offer_freed(conn, policy, now, {row["branch_id"]}, outbox)
         return booking_out(moved), outbox
 
-    out, outbox = await _write(pool, tx, now)
-    if redis is not None:
-        for message_id, send_at in outbox:
-            await enqueue_after_commit(redis, [message_id], send_at)
+    out, outbox = await _write(pool, redis, policy, tx, now)
+    await _enqueue(redis, outbox)
+    return out
+
+
+# --- waitlist -------------------------------------------------------------------
+
+
+async def join_waitlist(
+    pool: asyncpg.Pool,
+    redis: ArqRedis | None,
+    principal: Principal,
+    data: WaitlistCreate,
+    *,
+    idempotency_key: str | None,
+    now: datetime,
+    policy: BookingPolicy = DEFAULT_POLICY,
+) -> tuple[WaitlistOut, bool]:
+    """Join the waitlist; when a fitting seat is free already, the offer comes at once."""
+    if data.latest < data.earliest:
+        raise InvalidInput.field("latest", "must not be before earliest")
+
+    async def work(conn: Conn, outbox: Outbox) -> WaitlistOut:
+        await _check_no_show_rule(conn, principal, policy, now, phone=None)
+        ctx = await load_context(conn, data.branch_id, data.service_id)
+        check_party(ctx, data.party_size)
+        earliest_at, latest_at = waitlist.window_instants(
+            ctx.timezone, data.date, data.earliest, data.latest
+        )
+        if latest_at < now + timedelta(minutes=ctx.rules.lead_time_min):
+            raise InvalidInput.field("latest", "the window has passed or is too close to book")
+        if earliest_at >= now + timedelta(days=ctx.rules.horizon_days):
+            raise InvalidInput.field(
+                "date", f"bookings open {ctx.rules.horizon_days} days ahead; choose an earlier day"
+            )
+        entry_id = await conn.fetchval(
+            q.INSERT_WAITLIST_ENTRY,
+            data.branch_id,
+            data.service_id,
+            principal.id,
+            data.party_size,
+            data.date,
+            _clock(data.earliest),
+            _clock(data.latest),
+            earliest_at,
+            latest_at,
+            principal.channel,
+        )
+        if entry_id is None:
+            raise Conflict(code="already_waitlisted")
+        await waitlist.offer_freed(conn, policy, now, {data.branch_id}, outbox)
+        return waitlist.entry_out(await waitlist.entry_row(conn, entry_id))
+
+    return await _once(
+        pool,
+        redis,
+        subject=principal.subject,
+        key=idempotency_key,
+        operation="joinWaitlist",
+        data=data,
+        out_type=WaitlistOut,
+        work=work,
+        now=now,
+        policy=policy,
+    )
+
+
+def _clock(text: str) -> time:
+    hours, minutes = (int(p) for p in text.split(":"))
+    return time(hours, minutes)
+
+
+def _own_entry(row: Record, principal: Principal) -> None:
+    if principal.kind != "customer" or row["customer_id"] != principal.id:
+        raise NotFound()
+
+
+async def get_waitlist_entry(
+    pool: asyncpg.Pool, principal: Principal, entry_id: int
+) -> WaitlistOut:
+    async with pool.acquire() as conn:
+        row = await waitlist.entry_row(conn, entry_id)
+    _own_entry(row, principal)
+    return waitlist.entry_out(row)
+
+
+async def list_waitlist(
+    pool: asyncpg.Pool, principal: Principal, *, limit: int, cursor: str | None
+) -> tuple[list[WaitlistOut], str | None]:
+    after = _cursor(cursor)
+    rows = await pool.fetch(q.WAITLIST_OF_CUSTOMER, principal.id, after, limit + 1)
+    items = [waitlist.entry_out(r) for r in rows[:limit]]
+    nxt = str(items[-1].id) if len(rows) > limit and items else None
+    return items, nxt
+
+
+async def leave_waitlist(
+    pool: asyncpg.Pool,
+    redis: ArqRedis | None,
+    principal: Principal,
+    entry_id: int,
+    *,
+    now: datetime,
+    policy: BookingPolicy = DEFAULT_POLICY,
+) -> WaitlistOut:
+    """Leave the waitlist; a seat held for an open offer goes to the next entry."""
+
+    async def tx(conn: Conn) -> tuple[WaitlistOut, Outbox]:
+        row = await waitlist.entry_row(conn, entry_id)
+        _own_entry(row, principal)
+        outbox: Outbox = []
+        if not await waitlist.close_entry(conn, entry_id, "cancelled", now, policy, outbox):
+            raise Conflict(code="waitlist_entry_closed")
+        return waitlist.entry_out(await waitlist.entry_row(conn, entry_id)), outbox
+
+    out, outbox = await db.in_transaction_with_retry(pool, tx)
+    await _enqueue(redis, outbox)
     return out
 
 
 # --- sweeps (arq cron) -----------------------------------------------------------
 
 IDEMPOTENCY_TTL = timedelta(days=1)
+SWEEP_PAGE = 1000
+
+
+def _policy(ctx: dict[str, Any]) -> BookingPolicy:
+    settings = ctx.get("settings")
+    return policy_of(settings) if settings is not None else DEFAULT_POLICY
 
 
 async def sweep_holds(ctx: dict[str, Any]) -> int:
-    """Give back the seats of expired holds, a page per transaction; returns how many."""
+    """Give back the seats of expired holds (offering them to the waitlist), a page per
+    transaction; returns how many."""
     pool: asyncpg.Pool = ctx["pool"]
     total = 0
     while True:
-        released = await _expire_due(pool, utcnow())
+        released = await _expire_due(pool, ctx.get("redis"), _policy(ctx), utcnow())
         total += released
-        if released < 1000:
+        if released < SWEEP_PAGE:
             return total
+
+
+async def sweep_no_shows(ctx: dict[str, Any]) -> int:
+    """Bookings nobody checked in for by start + grace become no-shows and give their
+    seats back; returns how many."""
+    pool: asyncpg.Pool = ctx["pool"]
+    policy = _policy(ctx)
+    total = 0
+    while True:
+        now = utcnow()
+
+        async def run(conn: Conn, now: datetime = now) -> int:
+            rows = await ledger.mark_no_shows(
+                conn, now - policy.no_show_grace, now, limit=SWEEP_PAGE
+            )
+            for r in rows:
+                await cancel_messages(conn, f"booking:{r['id']}:")
+            return len(rows)
+
+        marked = await db.in_transaction_with_retry(pool, run)
+        if marked:
+            log.info("no_shows_marked", count=marked)
+        total += marked
+        if marked < SWEEP_PAGE:
+            return total
+
+
+async def sweep_waitlist(ctx: dict[str, Any]) -> int:
+    """Close entries whose window passed, lapse offers whose hold expired, and offer free
+    seats at every branch with someone waiting (catches seats freed in ways that do
+    not call the waitlist, e.g. a new shift). Returns the offers made."""
+    pool: asyncpg.Pool = ctx["pool"]
+    policy = _policy(ctx)
+    now = utcnow()
+
+    async def close(conn: Conn) -> list[int]:
+        await waitlist.expire_windows(conn, now)
+        return await waitlist.branches_waiting(conn, now)
+
+    branches = await db.in_transaction_with_retry(pool, close)
+    offered = 0
+    for branch_id in branches:
+
+        async def offer(conn: Conn, branch_id: int = branch_id) -> tuple[int, Outbox]:
+            outbox: Outbox = []
+            await expire_and_offer(conn, policy, now, outbox)
+            return await waitlist.offer_freed(conn, policy, now, {branch_id}, outbox), outbox
+
+        made, outbox = await db.in_transaction_with_retry(pool, offer)
+        await _enqueue(ctx.get("redis"), outbox)
+        offered += made
+    return offered
 
 
 async def purge_idempotency_keys(ctx: dict[str, Any]) -> int:
@@ -835,8 +871,35 @@ def _reply(key: str, locale: str, row: Record) -> str:
     ).body
 
 
+async def _claim_offer(conn: Conn, sms: inbound.InboundSms, offer: Record) -> str:
+    """'Y' to a waitlist offer books its held seat; the reply is the confirmation."""
+    now = utcnow()
+    policy = policy_of(sms.settings)
+    ctx = await load_context(conn, offer["branch_id"], offer["service_id"])
+    status: ledger.BookingStatus = "pending_payment" if ctx.deposit_minor > 0 else "confirmed"
+    booking = await ledger.create_booking_from_hold(
+        conn,
+        offer["hold_id"],
+        now=now,
+        phone=sms.phone,
+        customer_id=offer["customer_id"],
+        status=status,
+    )
+    await waitlist.mark_booked(conn, offer["hold_id"], booking.id)
+    row = await _booking_row(conn, booking.id)
+    await _queue_booking_messages(
+        conn, sms.outbox, row, sms.phone, sms.locale, now, policy, confirmation=False
+    )
+    log.info("waitlist_offer_claimed_by_sms", booking_id=booking.id, entry_id=offer["id"])
+    return render("booking_confirmation", sms.locale, **_booking_sms_params(row)).body
+
+
 async def sms_confirm(conn: Conn, sms: inbound.InboundSms) -> str | None:
-    """'Y' confirms the phone's next active booking; no booking: left for staff."""
+    """'Y' claims the phone's open waitlist offer, else confirms its next active
+    booking; neither: left for staff."""
+    offer = await waitlist.live_offer_of_phone(conn, sms.phone, utcnow())
+    if offer is not None:
+        return await _claim_offer(conn, sms, offer)
     row = await _next_booking(conn, sms.phone)
     if row is None:
         return None
@@ -846,11 +909,20 @@ async def sms_confirm(conn: Conn, sms: inbound.InboundSms) -> str | None:
 
 
 async def sms_cancel(conn: Conn, sms: inbound.InboundSms) -> str | None:
-    """'N' cancels the phone's next active booking, as the cancel endpoint does."""
+    """'N' declines the phone's open waitlist offer (the seat goes to the next entry),
+    else cancels its next active booking as the cancel endpoint does."""
+    now = utcnow()
+    policy = policy_of(sms.settings)
+    offer = await waitlist.live_offer_of_phone(conn, sms.phone, now)
+    if offer is not None:
+        await waitlist.close_entry(conn, offer["id"], "declined", now, policy, sms.outbox)
+        ctx = await load_context(conn, offer["branch_id"], offer["service_id"])
+        log.info("waitlist_offer_declined_by_sms", entry_id=offer["id"])
+        return render("waitlist_declined_reply", sms.locale, service=ctx.service_name).body
     row = await _next_booking(conn, sms.phone)
     if row is None:
         return None
-    cancelled = await cancel_in_transaction(conn, row, utcnow())
+    cancelled = await cancel_in_transaction(conn, row, now, policy, sms.outbox)
     log.info("booking_cancelled_by_sms", booking_id=row["id"])
     return _reply("booking_cancelled_reply", sms.locale, cancelled)
 
