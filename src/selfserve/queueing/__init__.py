@@ -1,0 +1,1 @@
+"""Queueing: walk-in tickets, counters, the call-next policy (pure), ETA (pure), live feed."""
