@@ -322,6 +322,16 @@ async def test_reminders_land_exactly_24h_and_2h_before_and_skip_the_past(
         "pending",
     )
 
+    # the 24 h reminder asks for a Y/N reply; the 2 h one only reminds
+    templates = dict(
+        await pool.fetch(
+            "SELECT split_part(dedupe_key, ':', 3), template FROM messages "
+            "WHERE dedupe_key LIKE $1",
+            f"booking:{booking['id']}:reminder%",
+        )
+    )
+    assert templates == {"reminder_24h": "confirm_request", "reminder_2h": "reminder"}
+
     soon = at_hour(0, 3)  # 3-4 hours ahead: the 24 h reminder is already past
     booking = (await book(client, token, bid, sid, soon)).json()
     sent = await messages_of(pool, booking["id"])
