@@ -29,6 +29,7 @@ from selfserve.logs import configure_logging
 from selfserve.messaging.log import MessageLogController
 from selfserve.messaging.webhooks import TwilioWebhookController
 from selfserve.middleware import request_id_middleware
+from selfserve.queueing.routes import ROUTERS as QUEUE_ROUTERS
 from selfserve.scheduling.routes import ROUTERS as BOOKING_ROUTERS
 from selfserve.settings import ConfigError, Settings, load_settings
 
@@ -37,6 +38,10 @@ TAGS = [
     Tag(name="Identity", description="Sign-in, tokens and the caller's profile."),
     Tag(name="Catalogue", description="Branches and services, readable by anyone."),
     Tag(name="Booking", description="Availability, holds and bookings, at any hour."),
+    Tag(
+        name="Walk-in queue",
+        description="Tickets, check-in, counters and call-next; live board over WebSocket.",
+    ),
     Tag(name="Admin: branches", description="Create and manage branches."),
     Tag(name="Admin: services", description="Create and manage services."),
     Tag(name="Admin: resources", description="Counters, staff and rooms with skills."),
@@ -139,6 +144,7 @@ def create_app(
             MessageLogController,
             *CATALOG_ROUTERS,
             *BOOKING_ROUTERS,
+            *QUEUE_ROUTERS,
         ],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,

@@ -126,6 +126,45 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "This waitlist entry is no longer open.",
         "该候补登记已结束。",
     ),
+    "queue_closed": (
+        "This queue takes no more tickets today; please come back when the branch is open.",
+        "该队列今日已停止取号，请在营业时间再来。",
+    ),
+    "ticket_not_active": ("The ticket is no longer in the queue.", "该号码已不在队列中。"),
+    "ticket_state": (
+        "The ticket is not in the state this action needs.",
+        "该号码当前状态不允许此操作。",
+    ),
+    "recall_first": (
+        "Recall the ticket before marking it a no-show.",
+        "请先重新叫号，再标记为未到。",
+    ),
+    "already_checked_in": ("This booking has already checked in.", "该预约已签到。"),
+    "payment_required": (
+        "The deposit for this booking is not paid yet.",
+        "该预约的定金尚未支付。",
+    ),
+    "check_in_too_early": (
+        "It is too early to check in; see the window in this answer.",
+        "签到时间未到，请查看可签到时段。",
+    ),
+    "check_in_too_late": (
+        "The check-in window has passed; please ask our staff.",
+        "已超过签到时段，请咨询工作人员。",
+    ),
+    "no_queue_for_service": (
+        "No queue serves this booking's service here; please ask our staff.",
+        "本网点没有办理该业务的队列，请咨询工作人员。",
+    ),
+    "counter_closed": ("The counter is closed; open it first.", "该窗口已关闭，请先开启。"),
+    "counter_busy": (
+        "The counter still has a called or served ticket.",
+        "该窗口仍有已叫号或正在办理的号码。",
+    ),
+    "no_ticket_waiting": (
+        "No ticket this counter can serve is waiting.",
+        "当前没有该窗口可办理的等候号码。",
+    ),
     "capacity_in_use": (
         "Capacity cannot be reduced below seats already taken.",
         "容量不能低于已被占用的座位数。",
@@ -274,7 +313,10 @@ def problem_response(
     detail: str | None = None,
     errors: Sequence[FieldError] | None = None,
     headers: dict[str, str] | None = None,
-) -> Response[Problem]:
+    extra: dict[str, Any] | None = None,
+) -> Response[Any]:
+    """A problem response; `extra` adds extension members (RFC 9457 section 3.2), e.g.
+    the check-in window of a `check_in_too_early`, never overriding the standard ones."""
     locale = negotiate_locale(request.headers.get("accept-language"))
     body = Problem(
         type=TYPE_BASE + code,
@@ -286,15 +328,19 @@ def problem_response(
         request_id=_request_id(request),
         errors=list(errors) if errors else None,
     )
+    content: Any = body
+    if extra:
+        content = {**extra, **msgspec.structs.asdict(body)}
+        content = {k: v for k, v in content.items() if v is not None}
     return Response(
-        content=body,
+        content=content,
         status_code=status,
         media_type=PROBLEM_MEDIA_TYPE,
         headers={"content-language": locale, **(headers or {})},
     )
 
 
-def _domain_handler(request: Request[Any, Any, Any], exc: DomainError) -> Response[Problem]:
+def _domain_handler(request: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
     return problem_response(
         request,
         status=exc.status,
@@ -302,6 +348,7 @@ def _domain_handler(request: Request[Any, Any, Any], exc: DomainError) -> Respon
         detail=exc.detail,
         errors=exc.errors,
         headers=exc.headers,
+        extra=exc.extra,
     )
 
 
@@ -332,7 +379,7 @@ def _validation_errors(extra: Any) -> list[FieldError]:
     return out
 
 
-def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     status = exc.status_code
     headers = dict(exc.headers or {})
     if isinstance(exc, ValidationException):
@@ -370,7 +417,7 @@ def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     return problem_response(request, status=status, code=code, headers=headers)
 
 
-def _internal_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+def _internal_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled_error", path=request.url.path, error=type(exc).__name__)
     return problem_response(request, status=500, code="internal_error")
 
@@ -381,7 +428,7 @@ _UNSTORABLE = (
 )
 
 
-def _data_handler(request: Request[Any, Any, Any], exc: asyncpg.DataError) -> Response[Problem]:
+def _data_handler(request: Request[Any, Any, Any], exc: asyncpg.DataError) -> Response[Any]:
     """A client value PostgreSQL cannot hold is bad input (422), not a server fault."""
     text = str(exc)
     encoding = text.startswith("invalid input for query argument") and (

@@ -69,6 +69,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # (0 switches the rule off).
     no_show_limit: int = 3
     no_show_window_days: int = 180
+    # Walk-in queue.
+    queue_aging_bound_min: int = 20
+    check_in_early_min: int = 30
+    check_in_late_min: int = 15
+    recalls_before_no_show: int = 2
+    turn_near_position: int = 3
+    survey_delay_min: int = 30
 
     @property
     def is_production(self) -> bool:
@@ -212,4 +219,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         no_show_grace_min=_int(env, "SELFSERVE_NO_SHOW_GRACE", 15, minimum=0),
         no_show_limit=_int(env, "SELFSERVE_NO_SHOW_LIMIT", 3, minimum=0),
         no_show_window_days=_int(env, "SELFSERVE_NO_SHOW_WINDOW_DAYS", 180),
+        queue_aging_bound_min=_int(env, "SELFSERVE_QUEUE_AGING_BOUND", 20),
+        check_in_early_min=_int(env, "SELFSERVE_CHECK_IN_EARLY", 30, minimum=0),
+        check_in_late_min=_int(env, "SELFSERVE_CHECK_IN_LATE", 15, minimum=0),
+        recalls_before_no_show=_int(env, "SELFSERVE_RECALLS_BEFORE_NO_SHOW", 2, minimum=0),
+        turn_near_position=_int(env, "SELFSERVE_TURN_NEAR_POSITION", 3, minimum=0),
+        survey_delay_min=_int(env, "SELFSERVE_SURVEY_DELAY", 30, minimum=0),
     )

@@ -19,6 +19,7 @@ from selfserve.queueing.eta import (
     CounterState,
     ServiceTimeModel,
     estimate_wait,
+    estimate_waits,
     eta_band,
     format_band,
     remaining_service_s,
@@ -273,6 +274,17 @@ def test_the_estimate_matches_a_plain_replay_of_the_policy(
     assert estimate_wait(ahead, expected, counters, target) == reference_wait(
         ahead, expected, counters, target
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(services, max_size=40), durations, st.lists(counter_states, max_size=5))
+def test_all_waits_at_once_equal_each_wait_on_its_own(
+    ordered: list[int], expected: dict[int, float], counters: list[CounterState]
+) -> None:
+    assert estimate_waits(ordered, expected, counters) == [
+        estimate_wait([AheadTicket(s) for s in ordered[:i]], expected, counters, service)
+        for i, service in enumerate(ordered)
+    ]
 
 
 @settings(max_examples=200, deadline=None)

@@ -31,6 +31,7 @@ SAMPLE = {
     "ticket": "A023",
     "counter": "4",
     "ahead": 2,
+    "eta": "10-15 min",
 }
 
 

@@ -37,6 +37,9 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "help_reply": frozenset(),
     "received_reply": frozenset(),
     "waitlist_declined_reply": frozenset({"service"}),
+    "queue_status_reply": frozenset({"ticket", "ahead", "eta"}),
+    "queue_status_none_reply": frozenset(),
+    "survey_thanks_reply": frozenset(),
 }
 
 # GSM 03.38 default alphabet; the extension table costs two septets per character.

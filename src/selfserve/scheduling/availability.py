@@ -443,3 +443,16 @@ def pick_resource(slot: Slot, party_size: int) -> int | None:
         if free >= party_size and (best is None or free > best[1]):
             best = (resource_id, free)
     return None if best is None else best[0]
+
+
+def open_until(calendar: BranchCalendar, now: datetime) -> datetime | None:
+    """The end of the opening stretch (opening hours minus closures) that contains
+    `now`, or None when the branch is closed at `now`."""
+    tz = ZoneInfo(calendar.timezone)
+    now = _aware(now, "now")
+    days = [d for d in _days(now - timedelta(days=1), now + timedelta(days=2), tz)]
+    opening = _weekly(calendar.opening_hours, [d for d in days if d not in calendar.closures], tz)
+    for lo, hi in opening:
+        if lo <= now < hi:
+            return hi
+    return None

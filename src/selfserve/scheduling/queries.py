@@ -94,18 +94,6 @@ UPDATE bookings SET confirmed_by_sms_at = coalesce(confirmed_by_sms_at, $2), upd
 WHERE id = $1
 """
 
-IDEMPOTENCY_LOOKUP = """
-SELECT request_hash, status_code, response FROM idempotency_keys
-WHERE principal = $1 AND key = $2
-"""
-
-IDEMPOTENCY_STORE = """
-INSERT INTO idempotency_keys (principal, key, request_hash, status_code, response)
-VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (principal, key) DO NOTHING
-RETURNING 1
-"""
-
 # No-shows of a customer or a phone since $3, counted up to $4.
 RECENT_NO_SHOWS = """
 SELECT count(*) FROM (

@@ -33,9 +33,7 @@ Choices worth knowing
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -45,7 +43,7 @@ import msgspec
 import structlog
 from arq.connections import ArqRedis
 
-from selfserve import db
+from selfserve import db, idempotency
 from selfserve.auth.tokens import Principal
 from selfserve.db import Conn, Record
 from selfserve.errors import (
@@ -53,7 +51,6 @@ from selfserve.errors import (
     Conflict,
     FieldError,
     Forbidden,
-    IdempotencyKeyReused,
     InvalidInput,
     NotFound,
     SlotFull,
@@ -165,36 +162,6 @@ async def _check_no_show_rule(
 # --- idempotency ---------------------------------------------------------------
 
 
-class _Replay(Exception):
-    """Another request with the same key committed first: roll back, replay it."""
-
-
-def request_hash(operation: str, data: msgspec.Struct) -> bytes:
-    return hashlib.sha256(operation.encode() + b"\0" + msgspec.json.encode(data)).digest()
-
-
-async def _stored(
-    conn: Conn | asyncpg.Pool, subject: str, key: str, digest: bytes
-) -> dict[str, Any] | None:
-    row = await conn.fetchrow(q.IDEMPOTENCY_LOOKUP, subject, key)
-    if row is None:
-        return None
-    if bytes(row["request_hash"]) != digest:
-        raise IdempotencyKeyReused(
-            errors=[FieldError("Idempotency-Key", "already used with a different request")]
-        )
-    response: dict[str, Any] = row["response"]
-    return response
-
-
-@dataclass
-class Outcome:
-    """What a creating POST answers, and whether it is a replay."""
-
-    body: Any
-    replayed: bool
-
-
 async def _once(
     pool: asyncpg.Pool,
     redis: ArqRedis | None,
@@ -208,30 +175,27 @@ async def _once(
     now: datetime,
     policy: BookingPolicy,
 ) -> tuple[S, bool]:
-    digest = request_hash(operation, data)
-    if key is not None:
-        stored = await _stored(pool, subject, key, digest)
-        if stored is not None:
-            return msgspec.convert(stored, out_type), True
-
-    async def tx(conn: Conn) -> tuple[S, Outbox]:
+    async def with_outbox(conn: Conn) -> tuple[S, Outbox]:
         outbox: Outbox = []
-        out = await work(conn, outbox)
-        if key is not None:
-            body = msgspec.to_builtins(out)
-            if await conn.fetchval(q.IDEMPOTENCY_STORE, subject, key, digest, 201, body) is None:
-                raise _Replay()
-        return out, outbox
+        return await work(conn, outbox), outbox
 
-    try:
-        out, outbox = await _write(pool, redis, policy, tx, now)
-    except _Replay:
-        assert key is not None
-        stored = await _stored(pool, subject, key, digest)
-        assert stored is not None
-        return msgspec.convert(stored, out_type), True
+    async def run(fn: Callable[[Conn], Awaitable[tuple[S, Outbox]]]) -> tuple[S, Outbox]:
+        return await _write(pool, redis, policy, fn, now)
+
+    nothing: Outbox = []
+    out, outbox, replayed = await idempotency.once(
+        pool,
+        subject=subject,
+        key=key,
+        operation=operation,
+        data=data,
+        out_type=out_type,
+        work=with_outbox,
+        run=run,
+        on_replay=nothing,
+    )
     await _enqueue(redis, outbox)
-    return out, False
+    return out, replayed
 
 
 # --- holds ---------------------------------------------------------------------

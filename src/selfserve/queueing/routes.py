@@ -1,0 +1,444 @@
+"""Walk-in queue HTTP: queue status, tickets, check-in, counters and the ticket's life.
+
+Live events are published after each committed change (`live.py`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import HeaderParameter, JSONBody, PathParameter
+
+from selfserve.auth.guards import Caller, require
+from selfserve.catalog.models import MAX_BIGINT
+from selfserve.context import AppSettings, DbPool
+from selfserve.errors import negotiate_locale
+from selfserve.openapi_util import problems
+from selfserve.queueing import live
+from selfserve.queueing import service as svc
+from selfserve.queueing.models import (
+    CheckIn,
+    CounterOut,
+    QueueStatusPage,
+    TicketCreate,
+    TicketOut,
+    Transfer,
+)
+
+Redis = NamedDependency[Any]
+PathId = Annotated[int, PathParameter(le=MAX_BIGINT)]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        required=False,
+        description="Same key and body: the first response is replayed; "
+        "same key, other body: 422 `idempotency_key_reused`",
+    ),
+]
+SECURITY: list[dict[str, list[str]]] = [{"BearerToken": []}]
+STAFF = ("staff", "manager", "admin")
+ISSUERS = ("customer", "kiosk", *STAFF)
+STATE_CONFLICTS = "`ticket_state` (with `status` and `expected`), `recall_first`"
+
+
+def _locale(request: Request[Any, Any, Any]) -> str:
+    return negotiate_locale(request.headers.get("accept-language"))
+
+
+async def _published(
+    request: Request[Any, Any, Any],
+    pool: Any,
+    settings: Any,
+    redis: Any,
+    changed: svc.Changed,
+) -> TicketOut:
+    await svc.enqueue(redis, changed.outbox)
+    counter = None
+    if changed.called and changed.ticket.counter_id is not None:
+        counter = await pool.fetchval(
+            "SELECT name FROM resources WHERE id = $1", changed.ticket.counter_id
+        )
+    await live.publish_branch(
+        request.app,
+        pool,
+        settings,
+        changed.branch_id,
+        now=svc.utcnow(),
+        called=changed.ticket if changed.called else None,
+        counter_name=counter,
+    )
+    return changed.ticket
+
+
+class BranchQueuesController(Controller):
+    path = "/v1/branches"
+    tags = ["Walk-in queue"]
+
+    @get(
+        "/{branch_id:int}/queues",
+        operation_id="listBranchQueues",
+        summary="Queues of a branch with waiting count, open counters and estimated wait",
+        responses=problems(404),
+    )
+    async def queues(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        settings: AppSettings,
+        branch_id: PathId,
+    ) -> QueueStatusPage:
+        items = await svc.list_queue_statuses(
+            pool, branch_id, now=svc.utcnow(), settings=settings, locale=_locale(request)
+        )
+        return QueueStatusPage(items=items)
+
+
+class TicketController(Controller):
+    path = "/v1/tickets"
+    tags = ["Walk-in queue"]
+    security = SECURITY
+
+    @post(
+        "/",
+        operation_id="createTicket",
+        summary="Take a ticket (kiosk, staff) or join remotely (customer)",
+        description="Answers the daily display code (e.g. A023, numbered per queue in "
+        "branch time), the place in the queue and the expected wait as a band. 409 "
+        "`queue_closed` when the branch is closed or the wait would run past closing.",
+        responses=problems(401, 403, 404, 409, 413, 422, s409="`queue_closed`"),
+        guards=[require(*ISSUERS)],
+    )
+    async def create(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        data: JSONBody[TicketCreate],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[TicketOut]:
+        out, branch_id, replayed = await svc.issue_ticket(
+            pool,
+            principal,
+            data,
+            idempotency_key=idempotency_key,
+            now=svc.utcnow(),
+            settings=settings,
+            locale=_locale(request),
+        )
+        if not replayed:
+            await live.publish_branch(request.app, pool, settings, branch_id, now=svc.utcnow())
+        return Response(
+            out, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else {}
+        )
+
+    @get(
+        "/{ticket_id:int}",
+        operation_id="getTicket",
+        summary="A ticket: status, place and expected wait",
+        description="Customers see their own tickets (others answer 404); kiosks and "
+        "staff those of their branches.",
+        responses=problems(401, 403, 404),
+        guards=[require(*ISSUERS)],
+    )
+    async def get(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        settings: AppSettings,
+        principal: Caller,
+        ticket_id: PathId,
+    ) -> TicketOut:
+        return await svc.get_ticket(
+            pool,
+            principal,
+            ticket_id,
+            now=svc.utcnow(),
+            settings=settings,
+            locale=_locale(request),
+        )
+
+    @post(
+        "/{ticket_id:int}/cancel",
+        operation_id="cancelTicket",
+        status_code=200,
+        summary="Leave the queue",
+        responses=problems(401, 403, 404, 409, s409="`ticket_not_active`"),
+        guards=[require(*ISSUERS)],
+    )
+    async def cancel(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        ticket_id: PathId,
+    ) -> TicketOut:
+        changed = await svc.cancel_ticket(
+            pool,
+            principal,
+            ticket_id,
+            now=svc.utcnow(),
+            settings=settings,
+            locale=_locale(request),
+        )
+        return await _published(request, pool, settings, redis, changed)
+
+    async def _act(
+        self,
+        request: Request[Any, Any, Any],
+        pool: Any,
+        redis: Any,
+        settings: Any,
+        principal: Any,
+        ticket_id: int,
+        action: svc.Action,
+    ) -> TicketOut:
+        changed = await svc.act(
+            pool,
+            principal,
+            ticket_id,
+            action,
+            now=svc.utcnow(),
+            settings=settings,
+            locale=_locale(request),
+        )
+        return await _published(request, pool, settings, redis, changed)
+
+    @post(
+        "/{ticket_id:int}/recall",
+        operation_id="recallTicket",
+        status_code=200,
+        summary="Announce a called ticket again (staff)",
+        responses=problems(401, 403, 404, 409, s409=STATE_CONFLICTS),
+        guards=[require(*STAFF)],
+    )
+    async def recall(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        ticket_id: PathId,
+    ) -> TicketOut:
+        return await self._act(request, pool, redis, settings, principal, ticket_id, "recall")
+
+    @post(
+        "/{ticket_id:int}/start",
+        operation_id="startTicket",
+        status_code=200,
+        summary="The called customer arrived: service starts (staff)",
+        responses=problems(401, 403, 404, 409, s409=STATE_CONFLICTS),
+        guards=[require(*STAFF)],
+    )
+    async def start(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        ticket_id: PathId,
+    ) -> TicketOut:
+        return await self._act(request, pool, redis, settings, principal, ticket_id, "start")
+
+    @post(
+        "/{ticket_id:int}/finish",
+        operation_id="finishTicket",
+        status_code=200,
+        summary="Service done; schedules the feedback survey (staff)",
+        responses=problems(401, 403, 404, 409, s409=STATE_CONFLICTS),
+        guards=[require(*STAFF)],
+    )
+    async def finish(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        ticket_id: PathId,
+    ) -> TicketOut:
+        return await self._act(request, pool, redis, settings, principal, ticket_id, "finish")
+
+    @post(
+        "/{ticket_id:int}/no-show",
+        operation_id="noShowTicket",
+        status_code=200,
+        summary="A called customer did not come, after the recalls the branch requires (staff)",
+        responses=problems(401, 403, 404, 409, s409=STATE_CONFLICTS),
+        guards=[require(*STAFF)],
+    )
+    async def no_show(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        ticket_id: PathId,
+    ) -> TicketOut:
+        return await self._act(request, pool, redis, settings, principal, ticket_id, "no_show")
+
+    @post(
+        "/{ticket_id:int}/transfer",
+        operation_id="transferTicket",
+        status_code=200,
+        summary="Move a ticket to another queue, keeping its place by issue time (staff)",
+        responses=problems(401, 403, 404, 409, 413, 422, s409="`ticket_not_active`"),
+        guards=[require(*STAFF)],
+    )
+    async def transfer(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        ticket_id: PathId,
+        data: JSONBody[Transfer],
+    ) -> TicketOut:
+        changed = await svc.transfer(
+            pool,
+            principal,
+            ticket_id,
+            data,
+            now=svc.utcnow(),
+            settings=settings,
+            locale=_locale(request),
+        )
+        return await _published(request, pool, settings, redis, changed)
+
+
+class CheckInController(Controller):
+    path = "/v1/check-ins"
+    tags = ["Walk-in queue"]
+    security = SECURITY
+
+    @post(
+        "/",
+        operation_id="checkIn",
+        summary="A booking joins the branch queue with appointment priority (kiosk, app)",
+        description="By `code` at a kiosk of the branch or `booking_id` from the customer's "
+        "app. Outside the window (`SELFSERVE_CHECK_IN_EARLY` before to "
+        "`SELFSERVE_CHECK_IN_LATE` after the start) a 409 `check_in_too_early` / "
+        "`check_in_too_late` carries `window_opens_at` and `window_closes_at`.",
+        responses=problems(
+            401,
+            403,
+            404,
+            409,
+            413,
+            422,
+            s409="`check_in_too_early`, `check_in_too_late`, `already_checked_in`, "
+            "`payment_required`, `booking_not_active`, `no_queue_for_service`",
+        ),
+        guards=[require("customer", "kiosk", *STAFF)],
+    )
+    async def check_in(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        data: JSONBody[CheckIn],
+    ) -> Response[TicketOut]:
+        changed = await svc.check_in(
+            pool, principal, data, now=svc.utcnow(), settings=settings, locale=_locale(request)
+        )
+        return Response(await _published(request, pool, settings, redis, changed), status_code=201)
+
+
+class CounterController(Controller):
+    path = "/v1/counters"
+    tags = ["Walk-in queue"]
+    security = SECURITY
+    guards = [require(*STAFF)]
+
+    @post(
+        "/{counter_id:int}/open",
+        operation_id="openCounter",
+        status_code=200,
+        summary="Open a counter: it starts taking tickets (staff)",
+        responses=problems(401, 403, 404),
+    )
+    async def open(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        settings: AppSettings,
+        principal: Caller,
+        counter_id: PathId,
+    ) -> CounterOut:
+        out, branch_id = await svc.set_counter_open(
+            pool, principal, counter_id, True, now=svc.utcnow()
+        )
+        await live.publish_branch(request.app, pool, settings, branch_id, now=svc.utcnow())
+        return out
+
+    @post(
+        "/{counter_id:int}/close",
+        operation_id="closeCounter",
+        status_code=200,
+        summary="Close a counter: it takes no more tickets (staff)",
+        responses=problems(401, 403, 404),
+    )
+    async def close(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        settings: AppSettings,
+        principal: Caller,
+        counter_id: PathId,
+    ) -> CounterOut:
+        out, branch_id = await svc.set_counter_open(
+            pool, principal, counter_id, False, now=svc.utcnow()
+        )
+        await live.publish_branch(request.app, pool, settings, branch_id, now=svc.utcnow())
+        return out
+
+    @post(
+        "/{counter_id:int}/call-next",
+        operation_id="callNext",
+        status_code=200,
+        summary="Call the next ticket this counter can serve (staff)",
+        description="Skills, checked-in appointments due now, priority classes, FIFO, "
+        "with aging so nobody waits past the bound behind later arrivals. Two counters "
+        "calling at once never get the same ticket.",
+        responses=problems(
+            401,
+            403,
+            404,
+            409,
+            s409="`counter_closed`, `counter_busy`, `no_ticket_waiting`",
+        ),
+    )
+    async def call_next(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        counter_id: PathId,
+    ) -> TicketOut:
+        changed = await svc.call_next(
+            pool,
+            principal,
+            counter_id,
+            now=svc.utcnow(),
+            settings=settings,
+            locale=_locale(request),
+        )
+        return await _published(request, pool, settings, redis, changed)
+
+
+ROUTERS = [BranchQueuesController, TicketController, CheckInController, CounterController]
