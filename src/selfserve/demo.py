@@ -31,6 +31,32 @@ def _hours(opens: str, closes: str, days: tuple[int, ...]) -> list[dict[str, obj
     return [{"weekday": d, "opens": opens, "closes": closes} for d in days]
 
 
+DEMO_QUEUES = (("A", "Accounts", "Open an account"), ("C", "Cards", "Card services"))
+
+
+async def _demo_queues(conn: Conn) -> None:
+    """Walk-in queues for the demo branches that have none yet."""
+    for prefix, name, service in DEMO_QUEUES:
+        await conn.execute(
+            """
+            WITH made AS (
+                INSERT INTO queues (branch_id, name, prefix)
+                SELECT b.id, $2, $1 FROM branches b
+                WHERE b.name IN ('Shanghai Pudong Hall', 'London Holborn Centre')
+                  AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.branch_id = b.id
+                                  AND q.prefix = $1)
+                RETURNING id, branch_id
+            )
+            INSERT INTO queue_services (queue_id, service_id)
+            SELECT made.id, s.id FROM made JOIN services s
+                ON s.branch_id = made.branch_id AND s.name = $3
+            """,
+            prefix,
+            name,
+            service,
+        )
+
+
 async def load_demo(conn: Conn) -> DemoCredentials:
     """Insert demo branches, services, resources, shifts, a kiosk and accounts, once."""
     creds = DemoCredentials(
@@ -50,6 +76,7 @@ async def load_demo(conn: Conn) -> DemoCredentials:
             creds.kiosk_device_id = await conn.fetchval(
                 "SELECT min(id) FROM devices WHERE branch_id = $1", existing
             )
+            await _demo_queues(conn)  # data made before queues existed gets them now
             return creds
         branches = [
             (
@@ -145,6 +172,7 @@ async def load_demo(conn: Conn) -> DemoCredentials:
             hash_secret(secret),
         )
         creds.kiosk_secret = secret
+        await _demo_queues(conn)
         admin_exists = await conn.fetchval(
             "SELECT 1 FROM staff WHERE lower(email) = lower($1)", DEMO_ADMIN_EMAIL
         )
