@@ -511,3 +511,26 @@ async def test_sms_called_turn_near_status_and_survey(
     await staff_post(client, h, f"/v1/tickets/{again['id']}/start")
     await staff_post(client, h, f"/v1/tickets/{again['id']}/finish")
     assert await pool.fetchval("SELECT count(*) FROM surveys WHERE phone = $1", phones[0]) == 1
+
+
+async def test_someone_leaving_ahead_brings_the_turn_near_text(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, module_env: ModuleEnv
+) -> None:
+    h = await hall(pool, module_env, counters=1)
+    phones = [f"+8613600{n:05d}{h.branch_id % 10}" for n in range(5)]
+    tickets = [await take(client, h.kiosk, h.queues["A"], phone=p) for p in phones]
+
+    async def near() -> list[str]:
+        rows = await pool.fetch(
+            "SELECT phone FROM messages WHERE template = 'turn_near' AND branch_id = $1",
+            h.branch_id,
+        )
+        return sorted(r["phone"] for r in rows)
+
+    assert await near() == []  # no call yet: nobody told
+    resp = await client.post(f"/v1/tickets/{tickets[0]['id']}/cancel", headers=bearer(h.kiosk))
+    assert resp.status_code == 200
+    # now 4 wait; places 1-3 (0-2 ahead) are near, the 4th is not
+    assert await near() == sorted(phones[1:4])
+    resp = await client.post(f"/v1/tickets/{tickets[1]['id']}/cancel", headers=bearer(h.kiosk))
+    assert await near() == sorted(phones[1:5])  # each told once

@@ -529,7 +529,9 @@ async def cancel_ticket(
             now,
         )
         out = await view_ticket(conn, ticket_id, now, config_of(settings), locale)
-        return Changed(out, row["branch_id"])
+        outbox: Outbox = []  # those behind moved up
+        await _text_turn_near(conn, row["branch_id"], now, config_of(settings), settings, outbox)
+        return Changed(out, row["branch_id"], outbox=outbox)
 
     return await db.in_transaction_with_retry(pool, tx)
 
@@ -869,7 +871,9 @@ async def transfer(
             service_id,
         )
         out = await view_ticket(conn, ticket_id, now, config_of(settings), locale)
-        return Changed(out, row["branch_id"])
+        outbox: Outbox = []  # those behind moved up
+        await _text_turn_near(conn, row["branch_id"], now, config_of(settings), settings, outbox)
+        return Changed(out, row["branch_id"], outbox=outbox)
 
     return await db.in_transaction_with_retry(pool, tx)
 
