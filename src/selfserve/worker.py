@@ -17,6 +17,7 @@ from selfserve.messaging.service import (
     sweep_outbox,
 )
 from selfserve.messaging.transport import build_transport
+from selfserve.queueing.service import close_stale_tickets
 from selfserve.scheduling.service import (
     purge_idempotency_keys,
     sweep_holds,
@@ -92,6 +93,7 @@ class WorkerSettings:
         func(sweep_holds, max_tries=1, timeout=120),
         func(sweep_no_shows, max_tries=1, timeout=120),
         func(sweep_waitlist, max_tries=1, timeout=120),
+        func(close_stale_tickets, max_tries=1, timeout=120),
         purge_idempotency_keys,
     ]
     cron_jobs = [
@@ -106,6 +108,8 @@ class WorkerSettings:
         # Every minute: close passed windows, offer free seats to waiting entries.
         cron(sweep_waitlist, second=15, run_at_startup=True, timeout=120),
         cron(purge_idempotency_keys, minute=23, run_at_startup=False),
+        # Every 10 minutes: tickets left open from an earlier local day are closed.
+        cron(close_stale_tickets, minute=set(range(2, 60, 10)), run_at_startup=True),
     ]
     on_startup = startup
     on_shutdown = shutdown

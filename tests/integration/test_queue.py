@@ -534,3 +534,29 @@ async def test_someone_leaving_ahead_brings_the_turn_near_text(
     assert await near() == sorted(phones[1:4])
     resp = await client.post(f"/v1/tickets/{tickets[1]['id']}/cancel", headers=bearer(h.kiosk))
     assert await near() == sorted(phones[1:5])  # each told once
+
+
+async def test_tickets_left_open_from_an_earlier_day_are_closed(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, module_env: ModuleEnv
+) -> None:
+    h = await hall(pool, module_env, counters=1)
+    await open_counters(client, h)
+    old = [await take(client, h.kiosk, h.queues["A"]) for _ in range(3)]
+    serving = (await staff_post(client, h, f"/v1/counters/{h.counters[0]}/call-next")).json()
+    await staff_post(client, h, f"/v1/tickets/{serving['id']}/start")
+    await pool.execute(
+        "UPDATE tickets SET local_date = local_date - 1 WHERE branch_id = $1", h.branch_id
+    )
+    today = await take(client, h.kiosk, h.queues["A"])
+    assert await svc.close_stale_tickets({"pool": pool}) >= 3
+    states = dict(
+        await pool.fetch("SELECT id, status FROM tickets WHERE branch_id = $1", h.branch_id)
+    )
+    assert states == {
+        old[0]["id"]: "done",
+        old[1]["id"]: "cancelled",
+        old[2]["id"]: "cancelled",
+        today["id"]: "waiting",
+    }
+    now = (await client.get(f"/v1/tickets/{today['id']}", headers=bearer(h.kiosk))).json()
+    assert now["position"] == 1

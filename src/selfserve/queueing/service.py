@@ -1151,3 +1151,30 @@ async def board_snapshot(
             for tid, p in placed.items()
         },
     }
+
+
+# --- sweeps (arq cron) -------------------------------------------------------------
+
+CLOSE_YESTERDAY = """
+WITH stale AS (
+    SELECT t.id, t.status FROM tickets t JOIN branches b ON b.id = t.branch_id
+    WHERE t.status IN ('waiting', 'called', 'serving')
+      AND t.local_date < ($1::timestamptz AT TIME ZONE b.timezone)::date
+    FOR UPDATE OF t SKIP LOCKED
+)
+UPDATE tickets t
+SET status = CASE WHEN stale.status = 'serving' THEN 'done' ELSE 'cancelled' END,
+    ended_at = $1, updated_at = now()
+FROM stale WHERE t.id = stale.id
+"""
+
+
+async def close_stale_tickets(ctx: dict[str, Any]) -> int:
+    """Tickets left open from an earlier branch-local day are closed (waiting and
+    called ones cancelled, one still being served done), so yesterday's leftovers
+    never count in today's places and waits."""
+    result: str = await ctx["pool"].execute(CLOSE_YESTERDAY, utcnow())
+    closed = int(result.split()[-1])
+    if closed:
+        log.info("stale_tickets_closed", count=closed)
+    return closed
