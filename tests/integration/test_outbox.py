@@ -770,7 +770,8 @@ async def test_cancel_and_reschedule_follow_the_cause_inside_its_transaction(
         moved = await reschedule_messages(conn, f"booking:{n}:", new_time)
     assert sorted(moved) == sorted(cast(list[int], [r24, r2]))
     assert await enqueue_after_commit(redis, moved, new_time) == 0  # jobs exist: moved
-    assert await deferred_s(redis, cast(int, r24)) <= 0
+    # due now: job scores are whole milliseconds, rounded, so allow one
+    assert await deferred_s(redis, cast(int, r24)) <= 0.001
     await drain(env, redis)
     for mid in (r24, r2):
         assert (await row(pool, cast(int, mid)))["status"] == "sent"
