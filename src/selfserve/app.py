@@ -29,6 +29,7 @@ from selfserve.logs import configure_logging
 from selfserve.messaging.log import MessageLogController
 from selfserve.messaging.webhooks import TwilioWebhookController
 from selfserve.middleware import request_id_middleware
+from selfserve.queueing import live
 from selfserve.queueing.routes import ROUTERS as QUEUE_ROUTERS
 from selfserve.scheduling.routes import ROUTERS as BOOKING_ROUTERS
 from selfserve.settings import ConfigError, Settings, load_settings
@@ -126,6 +127,10 @@ def create_app(
     )
     static_dir = Path(litestar_offline_docs.__file__).parent / "static"
     state: dict[str, Any] = {"settings": settings, "pool": pool, "redis": redis}
+    # Live events across processes: the channels plugin on Redis pub/sub. Its backend
+    # has a Redis client of its own, opened and closed by the plugin's lifespan (which
+    # runs inside `lifespan` above: started after it, stopped before it).
+    channels = live.channels_plugin(settings)
     return Litestar(
         route_handlers=[
             health,
@@ -150,6 +155,7 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[request_id_middleware, prometheus.middleware],
         lifespan=[lifespan],
+        plugins=[channels] if channels is not None else [],
         openapi_config=openapi_config(),
         cors_config=CORSConfig(allow_origins=list(settings.cors_origins))
         if settings.cors_origins

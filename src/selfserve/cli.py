@@ -92,6 +92,9 @@ def _production_by_default() -> None:
     os.environ.setdefault("SELFSERVE_ENV", "production")
 
 
+GRACEFUL_SHUTDOWN_S = 10
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -107,6 +110,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
         access_log=False,
         log_level=settings.log_level.lower(),
+        # Open SSE streams never end on their own: after this long a stopping server
+        # cancels them (clients reconnect to another process) instead of hanging.
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     return 0
 
@@ -200,6 +206,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             access_log=False,
             log_level="warning",
             lifespan="on",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
         # Ctrl-C (or SIGTERM) after uvicorn's graceful shutdown is the normal way out.
         with contextlib.suppress(KeyboardInterrupt):

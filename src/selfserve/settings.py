@@ -13,6 +13,7 @@ import msgspec
 
 DEV_JWT_SECRET = "selfserve-dev-secret-change-me-0123456789abcdef"  # noqa: S105
 CLOCK = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+CHANNEL_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 
 class ConfigError(Exception):
@@ -76,6 +77,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     recalls_before_no_show: int = 2
     turn_near_position: int = 3
     survey_delay_min: int = 30
+    # Live events: Redis pub/sub channels are global to a Redis server (not per db
+    # index), so every deployment (or test run) sharing one server needs its own prefix.
+    live_channel_prefix: str = "selfserve"
 
     @property
     def is_production(self) -> bool:
@@ -130,6 +134,16 @@ def _zone(env: Mapping[str, str], name: str, default: str) -> str:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"{name} must be an IANA time zone, got {value!r}") from None
+    return value
+
+
+def _channel_prefix(env: Mapping[str, str]) -> str:
+    value = env.get("SELFSERVE_LIVE_CHANNEL_PREFIX") or "selfserve"
+    if not CHANNEL_PREFIX.match(value):
+        raise ConfigError(
+            "SELFSERVE_LIVE_CHANNEL_PREFIX must be 1-64 letters, digits or . _ : - "
+            f"(starting with a letter or digit), got {value!r}"
+        )
     return value
 
 
@@ -225,4 +239,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         recalls_before_no_show=_int(env, "SELFSERVE_RECALLS_BEFORE_NO_SHOW", 2, minimum=0),
         turn_near_position=_int(env, "SELFSERVE_TURN_NEAR_POSITION", 3, minimum=0),
         survey_delay_min=_int(env, "SELFSERVE_SURVEY_DELAY", 30, minimum=0),
+        live_channel_prefix=_channel_prefix(env),
     )

@@ -127,3 +127,13 @@ def test_non_integer_ttl_names_the_variable() -> None:
 def test_non_positive_sizes_and_lifetimes_are_refused(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         load_settings({name: value})
+
+
+def test_live_channel_prefix_defaults_and_is_checked() -> None:
+    assert load_settings({}).live_channel_prefix == "selfserve"
+    assert load_settings({"SELFSERVE_LIVE_CHANNEL_PREFIX": ""}).live_channel_prefix == "selfserve"
+    custom = load_settings({"SELFSERVE_LIVE_CHANNEL_PREFIX": "hall-7.prod:v2"})
+    assert custom.live_channel_prefix == "hall-7.prod:v2"
+    for bad in ("with space", "-leading", "x" * 65, "star*"):
+        with pytest.raises(ConfigError, match="SELFSERVE_LIVE_CHANNEL_PREFIX"):
+            load_settings({"SELFSERVE_LIVE_CHANNEL_PREFIX": bad})

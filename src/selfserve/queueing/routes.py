@@ -1,19 +1,21 @@
 """Walk-in queue HTTP: queue status, tickets, check-in, counters and the ticket's life.
 
-Live events are published after each committed change (`live.py`)."""
+Live events are published after each committed change (`live.py`) and read by the
+board feed (`WS /v1/branches/{id}/live`) and a ticket's event stream (SSE)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, WebSocket, get, post, websocket
 from litestar.di import NamedDependency
-from litestar.params import HeaderParameter, JSONBody, PathParameter
+from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
+from litestar.response import ServerSentEvent
 
 from selfserve.auth.guards import Caller, require
 from selfserve.catalog.models import MAX_BIGINT
 from selfserve.context import AppSettings, DbPool
-from selfserve.errors import negotiate_locale
+from selfserve.errors import ServiceUnavailable, negotiate_locale
 from selfserve.openapi_util import problems
 from selfserve.queueing import live
 from selfserve.queueing import service as svc
@@ -37,6 +39,16 @@ IdempotencyKey = Annotated[
         required=False,
         description="Same key and body: the first response is replayed; "
         "same key, other body: 422 `idempotency_key_reused`",
+    ),
+]
+AccessToken = Annotated[
+    str | None,
+    QueryParameter(
+        name="access_token",
+        required=False,
+        max_length=4096,
+        description="The access token, for clients that cannot send an Authorization "
+        "header (a browser's EventSource or WebSocket); the header wins when both are sent",
     ),
 ]
 SECURITY: list[dict[str, list[str]]] = [{"BearerToken": []}]
@@ -96,6 +108,11 @@ class BranchQueuesController(Controller):
         )
         return QueueStatusPage(items=items)
 
+    @websocket("/{branch_id:int}/live", name="branch-live")
+    async def board_feed(self, socket: WebSocket[Any, Any, Any], branch_id: PathId) -> None:
+        """The board feed (not in the OpenAPI document: see `ticketEvents` and README)."""
+        await live.serve_board(socket, branch_id)
+
 
 class TicketController(Controller):
     path = "/v1/tickets"
@@ -135,6 +152,59 @@ class TicketController(Controller):
             await live.publish_branch(request.app, pool, settings, branch_id, now=svc.utcnow())
         return Response(
             out, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else {}
+        )
+
+    @get(
+        "/{ticket_id:int}/events",
+        operation_id="ticketEvents",
+        summary="Live events of one ticket (Server-Sent Events)",
+        description="For the ticket's customer, or kiosks and staff of its branch "
+        "(others as for `getTicket`). The token comes in the Authorization header or, "
+        "for a browser's EventSource, as `?access_token=`. Events, each `data` one JSON "
+        "document: `ticket` (the ticket, as `getTicket` answers) first; `position` "
+        "(`{position, eta}`) whenever its place or expected wait changes while it "
+        "waits; `called` (`{ticket_id, display_code, counter_id, counter, recalls, at}`) "
+        "when it is called or recalled; once it is `done`, `no_show` or `cancelled`, "
+        "a last `ticket` and the stream ends (close the EventSource then, or it "
+        "reconnects). A `: keep-alive` comment every 15 s while nothing happens. "
+        "503 `service_unavailable` when this process has no live feed.\n\n"
+        "The display boards' feed is a WebSocket, `WS /v1/branches/{branch_id}/live` "
+        "(WebSockets are outside OpenAPI): for a kiosk of that branch, or staff, "
+        "managers and admins with it in scope; the token as `?access_token=` (browsers) "
+        "or an Authorization header. It sends the board at once (`type: board`: recent "
+        "calls with their counters, each queue's waiting count, open counters and "
+        "expected wait, and `tickets` `{id: {position, eta}}`), then every event of the "
+        "branch as a text JSON message: a new `board` after each change and "
+        "`ticket_called` (`{ticket_id, display_code, counter_id, counter, recalls, at}`) "
+        "on each call, whichever API process made the change. It closes with 4401 (no "
+        "valid token), 4403 (not allowed on this branch), 4404 (no such branch) or 1011 "
+        "(no live feed in this process).",
+        responses=problems(
+            401, 403, 404, 503, s503="The live feed is not running (`service_unavailable`)."
+        ),
+        guards=[live.require_live(*ISSUERS)],
+        media_type="text/event-stream",
+        response_description="A stream of Server-Sent Events: `ticket`, `position`, `called`",
+    )
+    async def events(
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        settings: AppSettings,
+        principal: Caller,
+        ticket_id: PathId,
+        access_token: AccessToken = None,  # read by the guard; declared for the schema
+    ) -> ServerSentEvent:
+        if not live.available(request.app):
+            raise ServiceUnavailable()
+        locale = _locale(request)
+        ticket = await svc.get_ticket(
+            pool, principal, ticket_id, now=svc.utcnow(), settings=settings, locale=locale
+        )
+        return ServerSentEvent(
+            live.ticket_stream(
+                request.app, pool, settings, principal, ticket_id, ticket.branch_id, locale
+            )
         )
 
     @get(
