@@ -47,6 +47,7 @@ TAGS = [
     Tag(name="Admin: services", description="Create and manage services."),
     Tag(name="Admin: resources", description="Counters, staff and rooms with skills."),
     Tag(name="Admin: schedules", description="Weekly shifts and dated exceptions."),
+    Tag(name="Admin: queues", description="Walk-in queues: ticket prefix and services."),
     Tag(name="Admin: devices", description="Kiosk devices and their secrets."),
     Tag(name="Admin: staff", description="Staff, manager and admin accounts."),
     Tag(name="SMS (Twilio)", description="Signed Twilio webhooks: inbound SMS and delivery."),

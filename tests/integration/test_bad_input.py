@@ -29,6 +29,8 @@ TABLES = (
     "resources",
     "resource_skills",
     "schedules",
+    "queues",
+    "queue_services",
     "devices",
     "staff",
     "staff_branches",
@@ -95,6 +97,7 @@ class Ctx:
     resource: dict[str, Any]
     shift: dict[str, Any]
     exception: dict[str, Any]
+    queue: dict[str, Any]
 
     @property
     def auth(self) -> dict[str, str]:
@@ -170,6 +173,17 @@ async def ctx(client: AsyncClient, pool: asyncpg.Pool) -> Ctx:
         headers=auth,
     )
     assert exception.status_code == 201, exception.text
+    queue = await client.post(
+        "/v1/admin/queues",
+        json={
+            "branch_id": branch["id"],
+            "name": "Counter queue",
+            "prefix": "A",
+            "service_ids": [service["id"]],
+        },
+        headers=auth,
+    )
+    assert queue.status_code == 201, queue.text
     return Ctx(
         client=client,
         pool=pool,
@@ -181,6 +195,7 @@ async def ctx(client: AsyncClient, pool: asyncpg.Pool) -> Ctx:
         resource=resource,
         shift=shift.json(),
         exception=exception.json(),
+        queue=queue.json(),
     )
 
 
@@ -246,6 +261,16 @@ def exception_body(ctx: Ctx, **fields: Any) -> dict[str, Any]:
     }
 
 
+def queue_body(ctx: Ctx, **fields: Any) -> dict[str, Any]:
+    return {
+        "branch_id": ctx.branch["id"],
+        "name": "Bad",
+        "prefix": "B",
+        "service_ids": [ctx.service["id"]],
+        **fields,
+    }
+
+
 def staff_body(**fields: Any) -> dict[str, Any]:
     return {
         "email": "new.person@example.test",
@@ -273,12 +298,16 @@ WRITE_TARGETS: list[Case] = [
     lambda c: ("PATCH", f"/v1/admin/services/{c.service['id']}", {}),
     lambda c: ("POST", "/v1/admin/schedules", {}),
     lambda c: ("PATCH", f"/v1/admin/branches/{c.branch['id']}", {}),
+    lambda c: ("POST", "/v1/admin/queues", {}),
+    lambda c: ("PATCH", f"/v1/admin/queues/{c.queue['id']}", {}),
 ]
 
 
 @pytest.mark.parametrize("raw", MALFORMED)
 @pytest.mark.parametrize(
-    "target", WRITE_TARGETS, ids=["branch", "service", "patch-service", "schedule", "patch-branch"]
+    "target",
+    WRITE_TARGETS,
+    ids=["branch", "service", "patch-service", "schedule", "patch-branch", "queue", "patch-queue"],
 )
 async def test_malformed_json_is_400_malformed_body(ctx: Ctx, target: Case, raw: bytes) -> None:
     method, url, _ = target(ctx)
@@ -495,6 +524,51 @@ WRONG_TYPES: list[tuple[str, Case, str]] = [
         ),
         "closures[0].date",
     ),
+    (
+        "queue-prefix-lowercase",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, prefix="a")}),
+        "prefix",
+    ),
+    (
+        "queue-prefix-three-letters",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, prefix="ABC")}),
+        "prefix",
+    ),
+    (
+        "queue-prefix-digit",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, prefix="1")}),
+        "prefix",
+    ),
+    (
+        "queue-prefix-trailing-newline",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, prefix="A\n")}),
+        "prefix",
+    ),
+    (
+        "queue-services-empty",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, service_ids=[])}),
+        "service_ids",
+    ),
+    (
+        "queue-services-as-string",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, service_ids="x")}),
+        "service_ids",
+    ),
+    (
+        "queue-service-item-as-string",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, service_ids=["x"])}),
+        "service_ids[0]",
+    ),
+    (
+        "patch-queue-prefix-lowercase",
+        lambda c: ("PATCH", f"/v1/admin/queues/{c.queue['id']}", {"json": {"prefix": "b"}}),
+        "prefix",
+    ),
+    (
+        "patch-queue-services-empty",
+        lambda c: ("PATCH", f"/v1/admin/queues/{c.queue['id']}", {"json": {"service_ids": []}}),
+        "service_ids",
+    ),
 ]
 
 
@@ -585,6 +659,20 @@ UNKNOWN_FIELDS: list[tuple[str, Case, str]] = [
             },
         ),
         "opening_hours[0].lunch",
+    ),
+    (
+        "queue-active",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, active=False)}),
+        "active",
+    ),
+    (
+        "patch-queue-branch",
+        lambda c: (
+            "PATCH",
+            f"/v1/admin/queues/{c.queue['id']}",
+            {"json": {"branch_id": c.other_branch["id"]}},
+        ),
+        "branch_id",
     ),
 ]
 
@@ -973,6 +1061,58 @@ async def test_skills_must_be_active_services_of_the_same_branch(ctx: Ctx) -> No
         )
 
 
+async def test_queue_services_must_be_active_services_of_the_same_branch(ctx: Ctx) -> None:
+    retired = await create_service(ctx.client, ctx.token, ctx.branch["id"], name="Retired Q")
+    off = await ctx.client.post(f"/v1/admin/services/{retired['id']}/deactivate", headers=ctx.auth)
+    assert off.status_code == 200, off.text
+
+    for service_ids in (
+        [ctx.other_service["id"]],
+        [ctx.service["id"], ctx.other_service["id"]],
+        [ctx.service["id"], 999_999],
+        [retired["id"]],
+    ):
+        await ctx.rejected(
+            "POST",
+            "/v1/admin/queues",
+            status=422,
+            code="validation_error",
+            fields=("service_ids",),
+            json=queue_body(ctx, service_ids=service_ids),
+        )
+        await ctx.rejected(
+            "PATCH",
+            f"/v1/admin/queues/{ctx.queue['id']}",
+            status=422,
+            code="validation_error",
+            fields=("service_ids",),
+            json={"service_ids": service_ids, "name": "Renamed alongside bad services"},
+        )
+
+
+async def test_duplicate_active_queue_prefix_is_409(ctx: Ctx) -> None:
+    await ctx.rejected(
+        "POST",
+        "/v1/admin/queues",
+        status=409,
+        code="already_exists",
+        fields=("prefix",),
+        json=queue_body(ctx, prefix=ctx.queue["prefix"]),
+    )
+    second = await ctx.client.post(
+        "/v1/admin/queues", json=queue_body(ctx, prefix="DQ"), headers=ctx.auth
+    )
+    assert second.status_code == 201, second.text
+    await ctx.rejected(
+        "PATCH",
+        f"/v1/admin/queues/{second.json()['id']}",
+        status=409,
+        code="already_exists",
+        fields=("prefix",),
+        json={"prefix": ctx.queue["prefix"], "name": "Renamed alongside a taken prefix"},
+    )
+
+
 MISSING_REFS: list[tuple[str, Case, str]] = [
     (
         "service-branch",
@@ -1013,6 +1153,16 @@ MISSING_REFS: list[tuple[str, Case, str]] = [
         "resource_id",
     ),
     (
+        "queue-branch",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, branch_id=999_999)}),
+        "branch_id",
+    ),
+    (
+        "queue-service",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, service_ids=[999_999])}),
+        "service_ids",
+    ),
+    (
         "branch-id-zero",
         lambda c: ("POST", "/v1/admin/services", {"json": service_body(c, branch_id=0)}),
         "branch_id",
@@ -1047,6 +1197,14 @@ async def test_reference_to_deactivated_branch_is_422_inactive_reference(ctx: Ct
         code="inactive_reference",
         fields=("branch_id",),
         json={"branch_id": closed["id"], "name": "K"},
+    )
+    await ctx.rejected(
+        "POST",
+        "/v1/admin/queues",
+        status=422,
+        code="inactive_reference",
+        fields=("branch_id",),
+        json=queue_body(ctx, branch_id=closed["id"]),
     )
 
 
@@ -1090,6 +1248,16 @@ UNSTORABLE: list[tuple[str, Case, str]] = [
         "schedule-resource-beyond-int64",
         lambda c: ("POST", "/v1/admin/schedules", {"json": shift_body(c, resource_id=2**63)}),
         "resource_id",
+    ),
+    (
+        "queue-service-beyond-int64",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, service_ids=[2**63])}),
+        "service_ids[0]",
+    ),
+    (
+        "nul-in-queue-name",
+        lambda c: ("POST", "/v1/admin/queues", {"json": queue_body(c, name="a\x00b")}),
+        "body",
     ),
     (
         "nul-in-name",
@@ -1163,6 +1331,7 @@ async def test_values_the_database_cannot_hold_are_422(ctx: Ctx, case: Case, fie
         ("/v1/admin/services/9223372036854775808", "service_id"),
         ("/v1/admin/resources/9223372036854775808", "resource_id"),
         ("/v1/admin/schedules/9223372036854775808", "schedule_id"),
+        ("/v1/admin/queues/9223372036854775808", "queue_id"),
         ("/v1/admin/devices/9223372036854775808", "device_id"),
         ("/v1/admin/staff/9223372036854775808", "staff_id"),
     ],
@@ -1212,6 +1381,7 @@ ADMIN_LISTS = [
     "/v1/admin/services",
     "/v1/admin/resources",
     "/v1/admin/schedules",
+    "/v1/admin/queues",
     "/v1/admin/devices",
     "/v1/admin/staff",
 ]

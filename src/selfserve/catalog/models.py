@@ -231,6 +231,43 @@ class Schedule(msgspec.Struct, kw_only=True):
     updated_at: datetime
 
 
+# --- queues ------------------------------------------------------------------
+
+QueuePrefix = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Z]{1,2}$",
+        description="One or two capital letters A–Z that start the queue's ticket codes",
+        examples=["A"],
+    ),
+]
+QueueServices = Annotated[list[Id], Meta(min_length=1)]
+
+
+class QueueCreate(Input, kw_only=True):
+    branch_id: Id
+    name: Name
+    prefix: QueuePrefix
+    service_ids: QueueServices
+
+
+class QueueUpdate(Input, kw_only=True):
+    name: Name | UnsetType = UNSET
+    prefix: QueuePrefix | UnsetType = UNSET
+    service_ids: QueueServices | UnsetType = UNSET
+
+
+class Queue(msgspec.Struct, kw_only=True):
+    id: int
+    branch_id: int
+    name: str
+    prefix: str
+    service_ids: list[int]
+    active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
 # --- devices -----------------------------------------------------------------
 
 
@@ -314,6 +351,11 @@ class ResourcePage(msgspec.Struct):
 
 class SchedulePage(msgspec.Struct):
     items: list[Schedule]
+    next_cursor: str | None
+
+
+class QueuePage(msgspec.Struct):
+    items: list[Queue]
     next_cursor: str | None
 
 

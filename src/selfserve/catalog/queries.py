@@ -34,6 +34,12 @@ SELECT s.id, s.resource_id, r.branch_id, s.kind, s.weekday, s.start_minute, s.en
        s.starts_at, s.ends_at, s.available, s.note, s.active, s.created_at, s.updated_at
 FROM schedules s JOIN resources r ON r.id = s.resource_id
 """
+QUEUE_SELECT = """
+SELECT q.id, q.branch_id, q.name, q.prefix, q.active, q.created_at, q.updated_at,
+       coalesce((SELECT array_agg(qs.service_id ORDER BY qs.service_id)
+                 FROM queue_services qs WHERE qs.queue_id = q.id), '{}') AS service_ids
+FROM queues q
+"""
 DEVICE_COLUMNS = (
     "id, branch_id, name, kind, active, revoked_at, last_seen_at, created_at, updated_at"
 )
@@ -63,6 +69,15 @@ INSERT_SKILLS = """
 INSERT INTO resource_skills (resource_id, service_id)
 SELECT $1, unnest($2::bigint[]) ON CONFLICT DO NOTHING
 """
+INSERT_QUEUE = "INSERT INTO queues (branch_id, name, prefix) VALUES ($1, $2, $3) RETURNING id"
+# Both parts see the same snapshot, so services that stay are kept, not deleted and re-inserted.
+SET_QUEUE_SERVICES = """
+WITH gone AS (
+    DELETE FROM queue_services WHERE queue_id = $1 AND NOT service_id = ANY($2::bigint[])
+)
+INSERT INTO queue_services (queue_id, service_id) SELECT $1, unnest($2::bigint[])
+ON CONFLICT DO NOTHING
+"""
 INSERT_SCHEDULE = """
 INSERT INTO schedules (resource_id, kind, weekday, start_minute, end_minute, starts_at, ends_at,
     available, note)
@@ -85,7 +100,7 @@ INSERT INTO staff_branches (staff_id, branch_id) SELECT $1, unnest($2::bigint[])
 ON CONFLICT DO NOTHING
 """
 
-# Services named as skills must exist, be active and belong to the resource's branch.
+# Services named as skills or by a queue must exist, be active and belong to its branch.
 CHECK_SERVICES_IN_BRANCH = """
 SELECT array_agg(x) FROM unnest($1::bigint[]) AS x
 WHERE NOT EXISTS (SELECT 1 FROM services s WHERE s.id = x AND s.branch_id = $2 AND s.active)

@@ -20,6 +20,10 @@ from selfserve.catalog.models import (
     DevicePage,
     DeviceUpdate,
     DeviceWithSecret,
+    Queue,
+    QueueCreate,
+    QueuePage,
+    QueueUpdate,
     Resource,
     ResourceCreate,
     ResourcePage,
@@ -410,6 +414,83 @@ class AdminScheduleController(Controller):
         return await svc.deactivate_schedule(pool, principal, schedule_id)
 
 
+class AdminQueueController(Controller):
+    path = "/v1/admin/queues"
+    tags = ["Admin: queues"]
+    guards = [require(*ADMIN_READERS)]
+    security = SECURITY
+
+    @post(
+        "/",
+        operation_id="createQueue",
+        summary="Create a walk-in queue",
+        description="Its `service_ids` must be active services of the same branch. "
+        "Two active queues of a branch never share a `prefix` (409 `already_exists`).",
+        responses={**CREATE_ERRORS, **problems(409)},
+        guards=[require(*ADMIN_WRITERS)],
+    )
+    async def create(self, pool: DbPool, principal: Caller, data: JSONBody[QueueCreate]) -> Queue:
+        return await svc.create_queue(pool, principal, data)
+
+    @get("/", operation_id="adminListQueues", summary="Queues in scope", responses=READ_ERRORS)
+    async def list(
+        self,
+        pool: DbPool,
+        principal: Caller,
+        branch_id: BranchFilter = None,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        include_inactive: Inactive = False,
+    ) -> QueuePage:
+        items, nxt = await svc.list_queues(
+            pool,
+            principal=principal,
+            branch_id=branch_id,
+            limit=limit,
+            cursor=cursor,
+            include_inactive=include_inactive,
+        )
+        return QueuePage(items=items, next_cursor=nxt)
+
+    @get(
+        "/{queue_id:int}",
+        operation_id="adminGetQueue",
+        summary="One queue",
+        responses=ONE_ERRORS,
+    )
+    async def get(self, pool: DbPool, principal: Caller, queue_id: PathId) -> Queue:
+        return await svc.get_queue(pool, principal, queue_id)
+
+    @patch(
+        "/{queue_id:int}",
+        operation_id="updateQueue",
+        summary="Update a queue",
+        description="`service_ids` replaces the whole set.",
+        responses={**WRITE_ERRORS, **problems(409)},
+        guards=[require(*ADMIN_WRITERS)],
+    )
+    async def update(
+        self,
+        pool: DbPool,
+        principal: Caller,
+        queue_id: PathId,
+        data: JSONBody[QueueUpdate],
+    ) -> Queue:
+        return await svc.update_queue(pool, principal, queue_id, data)
+
+    @post(
+        "/{queue_id:int}/deactivate",
+        operation_id="deactivateQueue",
+        status_code=200,
+        summary="Deactivate a queue",
+        description="It takes no new tickets, and its prefix is free for another queue.",
+        responses=ONE_ERRORS,
+        guards=[require(*ADMIN_WRITERS)],
+    )
+    async def deactivate(self, pool: DbPool, principal: Caller, queue_id: PathId) -> Queue:
+        return await svc.deactivate_queue(pool, principal, queue_id)
+
+
 class AdminDeviceController(Controller):
     path = "/v1/admin/devices"
     tags = ["Admin: devices"]
@@ -561,6 +642,7 @@ ROUTERS: list[type[Controller] | Router] = [
             AdminServiceController,
             AdminResourceController,
             AdminScheduleController,
+            AdminQueueController,
             AdminDeviceController,
             AdminStaffController,
         ],

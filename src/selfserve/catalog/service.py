@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from collections.abc import Sequence
 from datetime import datetime
@@ -28,6 +29,9 @@ from selfserve.catalog.models import (
     DeviceWithSecret,
     ExceptionCreate,
     OpeningHours,
+    Queue,
+    QueueCreate,
+    QueueUpdate,
     Resource,
     ResourceCreate,
     ResourceUpdate,
@@ -363,14 +367,14 @@ async def deactivate_service(pool: asyncpg.Pool, principal: Principal, service_i
 # --- resources ---------------------------------------------------------------
 
 
-async def _check_skills(conn: Conn, branch_id: int, skills: list[int]) -> None:
+async def _check_skills(
+    conn: Conn, branch_id: int, skills: list[int], field: str = "skills"
+) -> None:
     if not skills:
         return
     bad = await conn.fetchval(q.CHECK_SERVICES_IN_BRANCH, skills, branch_id)
     if bad:
-        raise InvalidInput.field(
-            "skills", f"not active services of this branch: {sorted(set(bad))}"
-        )
+        raise InvalidInput.field(field, f"not active services of this branch: {sorted(set(bad))}")
 
 
 async def _load_resource(conn: Conn, resource_id: int) -> Resource | None:
@@ -458,6 +462,116 @@ async def deactivate_resource(
         resource = await _load_resource(conn, resource_id)
     assert resource is not None
     return resource
+
+
+# --- queues ------------------------------------------------------------------
+
+# The database's own rule; the body's pattern lets a trailing newline through
+# (a Python `$` matches before one), PostgreSQL's `$` does not.
+_PREFIX = re.compile(r"[A-Z]{1,2}")
+
+
+def _check_prefix(prefix: str) -> None:
+    if not _PREFIX.fullmatch(prefix):
+        raise InvalidInput.field("prefix", "must be one or two capital letters A-Z")
+
+
+def _prefix_taken() -> Conflict:
+    return Conflict(
+        code="already_exists",
+        errors=[FieldError("prefix", "an active queue of this branch already uses it")],
+    )
+
+
+async def _load_queue(conn: Conn, queue_id: int) -> Queue | None:
+    row = await conn.fetchrow(q.QUEUE_SELECT + " WHERE q.id = $1", queue_id)
+    return to_struct(row, Queue) if row else None
+
+
+async def create_queue(pool: asyncpg.Pool, principal: Principal, data: QueueCreate) -> Queue:
+    _check_prefix(data.prefix)
+    try:
+        async with transaction(pool) as conn:
+            await _branch_for_write(conn, principal, data.branch_id)
+            await _check_skills(conn, data.branch_id, data.service_ids, "service_ids")
+            qid = await conn.fetchval(q.INSERT_QUEUE, data.branch_id, data.name, data.prefix)
+            await conn.execute(q.SET_QUEUE_SERVICES, qid, data.service_ids)
+            queue = await _load_queue(conn, qid)
+    except asyncpg.UniqueViolationError as exc:
+        if constraint_of(exc) == "queues_branch_prefix_key":
+            raise _prefix_taken() from None
+        raise
+    assert queue is not None
+    return queue
+
+
+async def get_queue(pool: asyncpg.Pool, principal: Principal, queue_id: int) -> Queue:
+    async with pool.acquire() as conn:
+        queue = await _load_queue(conn, queue_id)
+    if queue is None:
+        raise NotFound()
+    ensure_visible(principal, queue.branch_id)
+    return queue
+
+
+async def list_queues(
+    pool: asyncpg.Pool,
+    *,
+    principal: Principal,
+    branch_id: int | None,
+    limit: int,
+    cursor: str | None,
+    include_inactive: bool,
+) -> Page:
+    filters, params = _scope_filters(principal, branch_id, "q.branch_id")
+    if not include_inactive:
+        filters.append("q.active")
+    return await q.page_of(
+        pool,
+        q.QUEUE_SELECT,
+        "q.id",
+        filters,
+        params,
+        lambda r: to_struct(r, Queue),
+        limit=limit,
+        cursor=cursor,
+    )
+
+
+async def update_queue(
+    pool: asyncpg.Pool, principal: Principal, queue_id: int, data: QueueUpdate
+) -> Queue:
+    changes = _changes(data)
+    service_ids = changes.pop("service_ids", None)
+    if "prefix" in changes:
+        _check_prefix(changes["prefix"])
+    try:
+        async with transaction(pool) as conn:
+            branch_id = await _lock_for_write(conn, principal, "queues", queue_id)
+            if service_ids is not None:
+                await _check_skills(conn, branch_id, service_ids, "service_ids")
+            await q.update_columns(conn, "queues", queue_id, changes)
+            if service_ids is not None:
+                await conn.execute(q.SET_QUEUE_SERVICES, queue_id, service_ids)
+            queue = await _load_queue(conn, queue_id)
+    except asyncpg.UniqueViolationError as exc:
+        if constraint_of(exc) == "queues_branch_prefix_key":
+            raise _prefix_taken() from None
+        raise
+    assert queue is not None
+    return queue
+
+
+async def deactivate_queue(pool: asyncpg.Pool, principal: Principal, queue_id: int) -> Queue:
+    """Soft: the queue stops taking tickets and its prefix is free for another queue."""
+    async with transaction(pool) as conn:
+        await _lock_for_write(conn, principal, "queues", queue_id)
+        await conn.execute(
+            "UPDATE queues SET active = false, updated_at = now() WHERE id = $1", queue_id
+        )
+        queue = await _load_queue(conn, queue_id)
+    assert queue is not None
+    return queue
 
 
 # --- schedules ---------------------------------------------------------------
