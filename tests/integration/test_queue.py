@@ -560,3 +560,45 @@ async def test_tickets_left_open_from_an_earlier_day_are_closed(
     }
     now = (await client.get(f"/v1/tickets/{today['id']}", headers=bearer(h.kiosk))).json()
     assert now["position"] == 1
+
+
+async def test_concurrent_calls_texting_turn_near_never_deadlock(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, module_env: ModuleEnv
+) -> None:
+    h = await hall(pool, module_env, counters=10)
+    await open_counters(client, h)
+    phones = [f"+8613500{n:05d}{h.branch_id % 10}" for n in range(60)]
+    for p in phones:
+        await take(client, h.kiosk, h.queues["A"], phone=p)
+    await pool.execute(
+        "UPDATE tickets SET turn_near_sent = false WHERE branch_id = $1", h.branch_id
+    )
+    await pool.execute(
+        "DELETE FROM messages WHERE template = 'turn_near' AND branch_id = $1", h.branch_id
+    )
+    deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+    before = await pool.fetchval(deadlocks)
+    for _ in range(3):  # three waves of ten counters calling at once
+        calls = await asyncio.gather(
+            *(staff_post(client, h, f"/v1/counters/{c}/call-next") for c in h.counters)
+        )
+        assert [r.status_code for r in calls] == [200] * 10
+        for r in calls:
+            tid = r.json()["id"]
+            await staff_post(client, h, f"/v1/tickets/{tid}/start")
+            await staff_post(client, h, f"/v1/tickets/{tid}/finish")
+    texted = await pool.fetch(
+        "SELECT phone, count(*) FROM messages WHERE template = 'turn_near' AND branch_id = $1 "
+        "GROUP BY phone",
+        h.branch_id,
+    )
+    assert texted
+    assert all(r["count"] == 1 for r in texted)  # nobody twice
+    # whoever waits within the first three now has been told
+    head = await pool.fetch(
+        "SELECT phone FROM tickets WHERE branch_id = $1 AND status = 'waiting' "
+        "ORDER BY issued_at LIMIT 3",
+        h.branch_id,
+    )
+    assert {r["phone"] for r in head} <= {r["phone"] for r in texted}
+    assert await pool.fetchval(deadlocks) == before

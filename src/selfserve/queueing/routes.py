@@ -69,6 +69,7 @@ async def _published(
     changed: svc.Changed,
 ) -> TicketOut:
     await svc.enqueue(redis, changed.outbox)
+    await svc.text_turn_near(pool, redis, changed.branch_id, now=svc.utcnow(), settings=settings)
     counter = None
     if changed.called and changed.ticket.counter_id is not None:
         counter = await pool.fetchval(

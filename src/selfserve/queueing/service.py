@@ -529,9 +529,7 @@ async def cancel_ticket(
             now,
         )
         out = await view_ticket(conn, ticket_id, now, config_of(settings), locale)
-        outbox: Outbox = []  # those behind moved up
-        await _text_turn_near(conn, row["branch_id"], now, config_of(settings), settings, outbox)
-        return Changed(out, row["branch_id"], outbox=outbox)
+        return Changed(out, row["branch_id"])
 
     return await db.in_transaction_with_retry(pool, tx)
 
@@ -744,7 +742,6 @@ async def call_next(
         row = await ticket_row(conn, ticket_id)
         outbox: Outbox = []
         await _text_called(conn, row, counter["name"], now, outbox)
-        await _text_turn_near(conn, row["branch_id"], now, config, settings, outbox)
         log.info("ticket_called", ticket_id=ticket_id, counter_id=counter_id)
         return Changed(ticket_out(row, None, locale), row["branch_id"], called=True, outbox=outbox)
 
@@ -871,9 +868,7 @@ async def transfer(
             service_id,
         )
         out = await view_ticket(conn, ticket_id, now, config_of(settings), locale)
-        outbox: Outbox = []  # those behind moved up
-        await _text_turn_near(conn, row["branch_id"], now, config_of(settings), settings, outbox)
-        return Changed(out, row["branch_id"], outbox=outbox)
+        return Changed(out, row["branch_id"])
 
     return await db.in_transaction_with_retry(pool, tx)
 
@@ -941,35 +936,72 @@ async def _text_called(
     outbox.append((message_id, now))
 
 
-async def _text_turn_near(
-    conn: Conn,
-    branch_id: int,
-    now: datetime,
-    config: call_policy.PolicyConfig,
-    settings: Settings,
-    outbox: Outbox,
-) -> None:
-    """Tickets with a phone whose place is now within `turn_near_position` hear so, once."""
+def _turn_near_sql() -> str:
+    order = call_policy.sql_order_by("$3", "$4")
+    return f"""
+WITH placed AS (
+    SELECT id, phone, turn_near_sent,
+           row_number() OVER (PARTITION BY queue_id ORDER BY {order}) - 1 AS ahead
+    FROM tickets
+    WHERE branch_id = $1 AND status = 'waiting'
+),
+due AS (
+    SELECT t.id, placed.ahead FROM tickets t JOIN placed ON placed.id = t.id
+    WHERE placed.ahead < $2 AND placed.phone IS NOT NULL AND NOT placed.turn_near_sent
+    ORDER BY t.id
+    FOR UPDATE OF t SKIP LOCKED
+)
+UPDATE tickets t SET turn_near_sent = true
+FROM due WHERE t.id = due.id AND NOT t.turn_near_sent AND t.status = 'waiting'
+RETURNING t.id, t.display_code, t.phone, t.branch_id, t.customer_id, due.ahead
+"""
+
+
+TURN_NEAR = _turn_near_sql()
+
+
+async def text_turn_near(
+    pool: asyncpg.Pool, redis: Any, branch_id: int, *, now: datetime, settings: Settings
+) -> int:
+    """After a change committed (a call, someone leaving or moved): tickets with a
+    phone whose place is now within `turn_near_position` hear so, once. Returns how
+    many were texted.
+
+    It runs after the change's commit, in a transaction of its own, so it sees every
+    committed change (inside the change's transaction, concurrent calls would each
+    still see the others' tickets waiting). Places come from the policy order in
+    SQL; rows are locked in id order and a row another check holds is skipped (that
+    one texts it): concurrent checks neither deadlock nor text twice."""
     near = settings.turn_near_position
     if near <= 0:
-        return
-    state = await branch_state(conn, branch_id, now, config)
-    due = [tid for tid, p in places(state).items() if p.ahead_in_queue < near]
-    if not due:
-        return
-    rows = await conn.fetch(
-        "UPDATE tickets SET turn_near_sent = true WHERE id = ANY($1::bigint[]) "
-        "AND phone IS NOT NULL AND NOT turn_near_sent AND status = 'waiting' "
-        "RETURNING id, display_code, phone, branch_id, customer_id",
-        due,
-    )
-    ahead = {tid: p.ahead_in_queue for tid, p in places(state).items()}
-    for r in rows:
+        return 0
+    aged, due = call_policy.cutoffs(now, config_of(settings))
+
+    async def tx(conn: Conn) -> Outbox:
+        outbox: Outbox = []
+        await _text_near(conn, branch_id, near, aged, due, now, outbox)
+        return outbox
+
+    outbox = await db.in_transaction_with_retry(pool, tx)
+    await enqueue(redis, outbox)
+    return len(outbox)
+
+
+async def _text_near(
+    conn: Conn,
+    branch_id: int,
+    near: int,
+    aged: datetime,
+    due: datetime,
+    now: datetime,
+    outbox: Outbox,
+) -> None:
+    for r in await conn.fetch(TURN_NEAR, branch_id, near, aged, due):
         message_id = await queue_template(
             conn,
             "turn_near",
             await _locale_of(conn, r),
-            {"ticket": r["display_code"], "ahead": ahead[r["id"]]},
+            {"ticket": r["display_code"], "ahead": r["ahead"]},
             phone=r["phone"],
             send_at=now,
             dedupe_key=f"ticket:{r['id']}:turn_near",
