@@ -22,6 +22,7 @@ from selfserve.queueing.eta import (
     estimate_waits,
     eta_band,
     format_band,
+    newcomer_waits,
     remaining_service_s,
     update_ewma,
 )
@@ -274,6 +275,15 @@ def test_the_estimate_matches_a_plain_replay_of_the_policy(
     assert estimate_wait(ahead, expected, counters, target) == reference_wait(
         ahead, expected, counters, target
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(services, max_size=40), durations, st.lists(counter_states, max_size=5), services)
+def test_a_newcomers_wait_equals_the_replay_with_it_appended(
+    ordered: list[int], expected: dict[int, float], counters: list[CounterState], service: int
+) -> None:
+    appended = estimate_waits([*ordered, service], expected, counters)[-1]
+    assert newcomer_waits(ordered, expected, counters, [service]) == {service: appended}
 
 
 @settings(max_examples=300, deadline=None)

@@ -98,7 +98,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -251,28 +251,23 @@ def estimate_wait(
     return None  # every counter able to serve it closes before it is reached
 
 
-def estimate_waits(
+def _replay(
     ordered_services: Sequence[int],
     expected_s: Mapping[int, float],
     counters: Sequence[CounterState],
-) -> list[float | None]:
-    """`estimate_wait` for every ticket of a queue at once: entry ``i`` equals
-    ``estimate_wait(ahead=ordered[:i], ..., target_service_id=ordered[i])``.
-
-    One replay serves them all: a counter free at ``t`` takes the earliest remaining
-    ticket it can serve, so tickets behind ``i`` never change when ``i`` is taken.
-    O(n log c + n s) for n tickets, c counters, s services per counter, instead of
-    the O(n^2) of calling `estimate_wait` per ticket."""
+) -> tuple[list[float | None], list[float | None]]:
+    """The replay of `estimate_wait` over a whole queue: when each ticket is taken,
+    and when each counter finds nothing more it can serve (None: it closed first)."""
     queues: dict[int, deque[int]] = {}
     for index, service_id in enumerate(ordered_services):
         if service_id not in expected_s:
             raise ValueError(f"no expected service time for service {service_id}")
         queues.setdefault(service_id, deque()).append(index)
     waits: list[float | None] = [None] * len(ordered_services)
+    idle: list[float | None] = [None] * len(counters)
     free: list[tuple[float, int]] = [
         (max(counter.busy_remaining_s, counter.opens_in_s, 0.0), n)
         for n, counter in enumerate(counters)
-        if not counter.services.isdisjoint(queues)
     ]
     heapq.heapify(free)
     while free:
@@ -287,10 +282,44 @@ def estimate_waits(
             if queue and (best is None or queue[0] < best[0]):
                 best, best_service = queue, service_id
         if best is None:
+            idle[n] = at  # nothing left for it: from now on it waits for newcomers
             continue
         waits[best.popleft()] = at
         heapq.heappush(free, (at + expected_s[best_service], n))
-    return waits
+    return waits, idle
+
+
+def estimate_waits(
+    ordered_services: Sequence[int],
+    expected_s: Mapping[int, float],
+    counters: Sequence[CounterState],
+) -> list[float | None]:
+    """`estimate_wait` for every ticket of a queue at once: entry ``i`` equals
+    ``estimate_wait(ahead=ordered[:i], ..., target_service_id=ordered[i])``.
+
+    One replay serves them all: a counter free at ``t`` takes the earliest remaining
+    ticket it can serve, so tickets behind ``i`` never change when ``i`` is taken.
+    O(n log c + n s) for n tickets, c counters, s services per counter, instead of
+    the O(n^2) of calling `estimate_wait` per ticket."""
+    return _replay(ordered_services, expected_s, counters)[0]
+
+
+def newcomer_waits(
+    ordered_services: Sequence[int],
+    expected_s: Mapping[int, float],
+    counters: Sequence[CounterState],
+    services: Iterable[int],
+) -> dict[int, float | None]:
+    """For each of `services`, the wait of a ticket that joins behind all of
+    `ordered_services` (a walk-in taken now): the first moment a counter able to
+    serve it has nothing earlier left, from the same one replay."""
+    idle = _replay(ordered_services, expected_s, counters)[1]
+    out: dict[int, float | None] = {}
+    for service_id in services:
+        able = [t for c, t in zip(counters, idle, strict=True) if service_id in c.services]
+        found = [t for t in able if t is not None]
+        out[service_id] = min(found) if found else None
+    return out
 
 
 # --- showing it ------------------------------------------------------------------

@@ -20,6 +20,7 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Final
 
 import anyio
@@ -361,6 +362,13 @@ def require_live(*roles: str) -> Guard:
     return guard
 
 
+@lru_cache(maxsize=16)
+def _decoded(raw: bytes) -> Any:
+    """One decode per message per process, however many streams read it (a board with
+    a thousand waiting tickets is ~65 KB of JSON; the streams only read the result)."""
+    return msgspec.json.decode(raw)
+
+
 def _text(document: Any) -> str:
     return msgspec.json.encode(document).decode()
 
@@ -463,7 +471,7 @@ async def ticket_stream(
                 yield ServerSentEventMessage(data=None, comment="keep-alive")
                 continue
             try:
-                event = msgspec.json.decode(raw)
+                event = _decoded(raw)
             except msgspec.DecodeError:
                 continue
             if not isinstance(event, dict):

@@ -18,8 +18,10 @@ events after commit (`live.py`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import cached_property
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -129,9 +131,19 @@ class BranchState:
     counters: list[eta_model.CounterState]
     counter_names: dict[int, str] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def ordered(self) -> list[call_policy.WaitingTicket]:
         return call_policy.order(self.waiting, None, self.now, self.config)
+
+    def newcomer_waits(self, services: Iterable[int]) -> dict[int, float | None]:
+        """The wait of a normal walk-in taken now, per service: it goes behind
+        everyone waiting (`policy.py`), so one replay answers for all services."""
+        wanted = list(services)
+        ordered = self.ordered
+        expected = _expected_for(self, ordered) | {s: self.expected(s) for s in wanted}
+        return eta_model.newcomer_waits(
+            [t.service_id for t in ordered], expected, self.counters, wanted
+        )
 
     def expected(self, service_id: int) -> float:
         return self.expected_s.get(service_id, 600.0)
@@ -218,6 +230,8 @@ def _expected_for(state: BranchState, tickets: list[call_policy.WaitingTicket]) 
 
 def wait_for_new(state: BranchState, service_id: int, priority: int) -> float | None:
     """The expected wait of a ticket issued now."""
+    if priority == 0:
+        return state.newcomer_waits([service_id])[service_id]
     new = call_policy.WaitingTicket(
         id=2**62, service_id=service_id, issued_at=state.now, priority=priority
     )
@@ -227,17 +241,18 @@ def wait_for_new(state: BranchState, service_id: int, priority: int) -> float | 
 
 
 async def queue_statuses(
-    conn: Conn, branch_id: int, now: datetime, config: call_policy.PolicyConfig, locale: str
+    conn: Conn, state: BranchState, branch_id: int, locale: str
 ) -> list[QueueStatus]:
-    state = await branch_state(conn, branch_id, now, config)
     waiting_by_queue: dict[int, int] = {}
     for queue_id in state.queue_of.values():
         waiting_by_queue[queue_id] = waiting_by_queue.get(queue_id, 0) + 1
+    queues = await conn.fetch(BRANCH_QUEUES, branch_id)
+    newcomer = state.newcomer_waits({s for q in queues for s in q["service_ids"]})
     out = []
-    for q in await conn.fetch(BRANCH_QUEUES, branch_id):
+    for q in queues:
         services = list(q["service_ids"])
         able = [c for c in state.counters if not c.services.isdisjoint(services)]
-        waits = [w for s in services if (w := wait_for_new(state, s, 0)) is not None]
+        waits = [w for s in services if (w := newcomer[s]) is not None]
         out.append(
             QueueStatus(
                 id=q["id"],
@@ -258,7 +273,8 @@ async def list_queue_statuses(
     async with pool.acquire() as conn:
         if not await conn.fetchval("SELECT active FROM branches WHERE id = $1", branch_id):
             raise NotFound()
-        return await queue_statuses(conn, branch_id, now, config_of(settings), locale)
+        state = await branch_state(conn, branch_id, now, config_of(settings))
+        return await queue_statuses(conn, state, branch_id, locale)
 
 
 # --- tickets -----------------------------------------------------------------------
@@ -1135,9 +1151,8 @@ async def board_snapshot(
 ) -> dict[str, Any]:
     """What a display board shows, and every waiting ticket's place: one JSON-able
     document (`type: board`), published on each change of the branch."""
-    config = config_of(settings)
-    state = await branch_state(conn, branch_id, now, config)
-    queues = await queue_statuses(conn, branch_id, now, config, locale)
+    state = await branch_state(conn, branch_id, now, config_of(settings))
+    queues = await queue_statuses(conn, state, branch_id, locale)
     placed = places(state)
     calls = await conn.fetch(RECENT_CALLS, branch_id)
     return {
