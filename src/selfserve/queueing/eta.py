@@ -218,37 +218,14 @@ def estimate_wait(
     `expected_s` must hold every service that appears in `ahead`."""
     if not any(target_service_id in c.services for c in counters):
         return None
-    queues: dict[int, deque[int]] = {}
-    for index, ticket in enumerate(ahead):
+    for ticket in ahead:
         if ticket.service_id not in expected_s:
             raise ValueError(f"no expected service time for service {ticket.service_id}")
-        queues.setdefault(ticket.service_id, deque()).append(index)
-    ours = len(ahead)
-    queues.setdefault(target_service_id, deque()).append(ours)
-
-    free: list[tuple[float, int]] = [
-        (max(counter.busy_remaining_s, counter.opens_in_s, 0.0), n)
-        for n, counter in enumerate(counters)
-        if not counter.services.isdisjoint(queues)
-    ]
-    heapq.heapify(free)
-    while free:
-        at, n = heapq.heappop(free)
-        closes = counters[n].closes_in_s
-        if closes is not None and at >= closes:
-            continue  # closed (for a break or for the day) before it got to us
-        best: deque[int] | None = None
-        best_service = 0
-        for service_id in counters[n].services:
-            queue = queues.get(service_id)
-            if queue and (best is None or queue[0] < best[0]):
-                best, best_service = queue, service_id
-        if best is None:
-            continue  # nothing left that this counter can serve
-        if best.popleft() == ours:
-            return at
-        heapq.heappush(free, (at + expected_s[best_service], n))
-    return None  # every counter able to serve it closes before it is reached
+    # Ours goes last; its own length never matters (the replay stops being about us
+    # once it is taken).
+    expected = {target_service_id: 0.0, **expected_s}
+    services = [t.service_id for t in ahead] + [target_service_id]
+    return _replay(services, expected, counters)[0][-1]
 
 
 def _replay(

@@ -937,14 +937,35 @@ async def _text_called(
     if row["phone"] is None:
         return
     recall = await conn.fetchval("SELECT recalls FROM tickets WHERE id = $1", row["id"])
+    await _text_ticket(
+        conn,
+        row,
+        "ticket_called",
+        {"ticket": row["display_code"], "counter": counter_name or ""},
+        f"ticket:{row['id']}:called:{recall}",
+        now,
+        outbox,
+    )
+
+
+async def _text_ticket(
+    conn: Conn,
+    row: Record,
+    template: str,
+    params: dict[str, object],
+    dedupe_key: str,
+    now: datetime,
+    outbox: Outbox,
+) -> None:
+    """A time-critical text to the ticket's phone now, through the outbox."""
     message_id = await queue_template(
         conn,
-        "ticket_called",
+        template,
         await _locale_of(conn, row),
-        {"ticket": row["display_code"], "counter": counter_name or ""},
+        params,
         phone=row["phone"],
         send_at=now,
-        dedupe_key=f"ticket:{row['id']}:called:{recall}",
+        dedupe_key=dedupe_key,
         branch_id=row["branch_id"],
         customer_id=row["customer_id"],
         time_critical=True,
@@ -1013,19 +1034,15 @@ async def _text_near(
     outbox: Outbox,
 ) -> None:
     for r in await conn.fetch(TURN_NEAR, branch_id, near, aged, due):
-        message_id = await queue_template(
+        await _text_ticket(
             conn,
+            r,
             "turn_near",
-            await _locale_of(conn, r),
             {"ticket": r["display_code"], "ahead": r["ahead"]},
-            phone=r["phone"],
-            send_at=now,
-            dedupe_key=f"ticket:{r['id']}:turn_near",
-            branch_id=r["branch_id"],
-            customer_id=r["customer_id"],
-            time_critical=True,
+            f"ticket:{r['id']}:turn_near",
+            now,
+            outbox,
         )
-        outbox.append((message_id, now))
 
 
 async def _schedule_survey(
