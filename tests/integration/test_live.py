@@ -433,6 +433,12 @@ async def test_a_board_hears_again_after_the_live_redis_connection_drops(
         await proxy.stop()
 
 
+async def read_until_closed(ws: Any) -> None:
+    """Read on (a board still on its way may come first) until the server closes."""
+    while True:
+        await receive(ws)
+
+
 async def test_the_server_stops_with_boards_and_streams_open(
     pool: asyncpg.Pool, redis: ArqRedis, module_env: ModuleEnv, live_settings: Settings
 ) -> None:
@@ -466,8 +472,7 @@ async def test_the_server_stops_with_boards_and_streams_open(
                 await wait_subscribers(redis, live_settings, h.branch_id, 1)
                 server.should_exit = True
                 with pytest.raises(ConnectionClosed) as closed:
-                    while True:  # a board still on its way may come first
-                        await receive(ws)
+                    await read_until_closed(ws)
                 assert closed.value.rcvd is not None
                 assert closed.value.rcvd.code == 1012
                 with pytest.raises(httpx.HTTPError):  # cut off mid-stream

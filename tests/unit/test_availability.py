@@ -5,15 +5,21 @@ minute-by-minute model with hypothesis."""
 
 from __future__ import annotations
 
+import itertools
 import math
-from datetime import UTC, date, datetime, timedelta
+import random
+from bisect import bisect_right
+from collections import defaultdict
+from datetime import UTC, date, datetime, time, timedelta
 from fractions import Fraction
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from selfserve.scheduling import availability as av
 from selfserve.scheduling.availability import (
     BranchCalendar,
     Commitment,
@@ -762,3 +768,397 @@ def test_remaining_bounded_and_monotone_in_commitments(
     assert set(after) <= set(before)
     for start, s in after.items():
         assert s.remaining <= before[start].remaining
+
+
+# --- the fast path against the straightforward implementation ------------------
+#
+# `reference_slots` is the first, straightforward `available_slots`: for every
+# candidate and resource, a binary search into the on-shift intervals and into a
+# usage step function. The production code precomputes per resource and answers
+# per candidate index range instead; the two must agree exactly, on any zone,
+# daylight-saving change, grid, buffers, duplicates, overlaps and odd seat counts.
+
+
+def _reference_covers(
+    intervals: list[tuple[datetime, datetime]], lo: datetime, hi: datetime
+) -> bool:
+    i = bisect_right(intervals, (lo, datetime.max.replace(tzinfo=UTC))) - 1
+    return i >= 0 and intervals[i][0] <= lo and hi <= intervals[i][1]
+
+
+def profile_of(deltas: dict[datetime, int]) -> av._Profile:
+    times = sorted(deltas)
+    levels = list(itertools.accumulate(deltas[t] for t in times))
+    return av._Profile(times, levels, 0)
+
+
+def reference_slots(
+    calendar: BranchCalendar,
+    rules: ServiceRules,
+    resources: list[ResourceSchedule],
+    commitments: list[Commitment],
+    *,
+    party_size: int,
+    window_from: datetime,
+    window_to: datetime,
+    now: datetime,
+) -> list[Slot]:
+    av._validate(calendar, rules, party_size)
+    tz = ZoneInfo(calendar.timezone)
+    window_from = av._aware(window_from, "window_from")
+    window_to = av._aware(window_to, "window_to")
+    now = av._aware(now, "now")
+    first_start = max(window_from, now + timedelta(minutes=rules.lead_time_min))
+    last_start = min(window_to, now + timedelta(days=rules.horizon_days))
+    if first_start >= last_start:
+        return []
+    duration = timedelta(minutes=rules.duration_min)
+    before = timedelta(minutes=rules.buffer_before_min)
+    after = timedelta(minutes=rules.buffer_after_min)
+    span_lo, span_hi = first_start - before, last_start + duration + after
+    days = av._days(span_lo, span_hi, tz)
+    open_days = [d for d in days if d not in calendar.closures]
+    opening = av._weekly(calendar.opening_hours, open_days, tz)
+    shifts: dict[int, list[tuple[datetime, datetime]]] = {}
+    for res in resources:
+        weekly = av._weekly(res.shifts, days, tz)
+        off = av._union(
+            (av._aware(s, "starts_at"), av._aware(e, "ends_at"))
+            for s, e, avail in res.exceptions
+            if not avail
+        )
+        extra = [
+            (av._aware(s, "starts_at"), av._aware(e, "ends_at"))
+            for s, e, avail in res.exceptions
+            if avail
+        ]
+        shifts[res.resource_id] = av._union([*av._subtract(weekly, off), *extra])
+    known = {res.resource_id for res in resources}
+    usage: dict[int, dict[datetime, int]] = {rid: defaultdict(int) for rid in known}
+    for c in commitments:
+        if c.resource_id not in known:
+            continue
+        lo, hi = av._aware(c.starts_at, "starts_at"), av._aware(c.ends_at, "ends_at")
+        if hi <= span_lo or lo >= span_hi or lo >= hi or not c.seats:
+            continue
+        usage[c.resource_id][lo] += c.seats
+        usage[c.resource_id][hi] -= c.seats
+    profiles = {rid: profile_of(d) for rid, d in usage.items()}
+    counters = [r for r in resources if r.kind == "counter"]
+    pool = None
+    if counters:
+        capacity: dict[datetime, int] = defaultdict(int)
+        booked: dict[datetime, int] = defaultdict(int)
+        for counter in counters:
+            for lo, hi in shifts[counter.resource_id]:
+                capacity[lo] += counter.capacity
+                capacity[hi] -= counter.capacity
+            for t, d in usage[counter.resource_id].items():
+                booked[t] += d
+        share = 1 - Fraction(repr(calendar.walk_in_reserve))
+        times = sorted(set(capacity) | set(booked))
+        levels: list[int] = []
+        cap = used = 0
+        for t in times:
+            cap += capacity.get(t, 0)
+            used += booked.get(t, 0)
+            levels.append(math.floor(cap * share) - used)
+        pool = av._Profile(times, levels, 0)
+    ordered = sorted(resources, key=lambda r: r.resource_id)
+    starts: set[datetime] = set()
+    interval = timedelta(minutes=rules.slot_interval_min)
+    for day in open_days:
+        midnight = datetime.combine(day, time())
+        for weekday, opens, closes in calendar.opening_hours:
+            if weekday != day.isoweekday():
+                continue
+            wall = midnight + timedelta(minutes=opens)
+            while wall < midnight + timedelta(minutes=closes):
+                for instant in av._wall_instants(wall, tz):
+                    if first_start <= instant < last_start:
+                        starts.add(instant)
+                wall += interval
+    out: list[Slot] = []
+    for start in sorted(starts):
+        end = start + duration
+        if not _reference_covers(opening, start, end):
+            continue
+        lo, hi = start - before, end + after
+        pool_free = max(0, pool.low(lo, hi)) if pool is not None else 0
+        other_total = counter_total = 0
+        free_by_resource: list[tuple[int, int]] = []
+        for res in ordered:
+            if not _reference_covers(shifts[res.resource_id], lo, hi):
+                continue
+            free = max(0, res.capacity - profiles[res.resource_id].peak(lo, hi))
+            if res.kind == "counter":
+                counter_total += free
+                effective = min(free, pool_free)
+            else:
+                other_total += free
+                effective = free
+            if effective > 0:
+                free_by_resource.append((res.resource_id, effective))
+        if not any(free >= party_size for _, free in free_by_resource):
+            continue
+        out.append(
+            Slot(
+                start,
+                end,
+                start.astimezone(tz),
+                other_total + min(counter_total, pool_free),
+                tuple(free_by_resource),
+            )
+        )
+    return out
+
+
+# Zones on a day with a daylight-saving change (Lord Howe moves by 30 minutes), and
+# plain days.
+ZONE_DAYS = [
+    ("Europe/London", date(2026, 3, 29)),
+    ("Europe/London", date(2026, 10, 25)),
+    ("America/New_York", date(2026, 3, 8)),
+    ("America/New_York", date(2026, 11, 1)),
+    ("Australia/Lord_Howe", date(2026, 4, 5)),
+    ("Australia/Lord_Howe", date(2026, 10, 4)),
+    ("Asia/Shanghai", MONDAY),
+    ("UTC", MONDAY),
+]
+
+
+def stretch(draw: st.DrawFn) -> tuple[int, int]:
+    """A part of the day, mostly a long one; sometimes odd or empty."""
+    if draw(st.integers(0, 3)):
+        return draw(st.sampled_from([(480, 1200), (0, 1440), (420, 720), (540, 1035), (60, 180)]))
+    a, b = draw(st.integers(0, 1440)), draw(st.integers(0, 1440))
+    return min(a, b), max(a, b)
+
+
+def week(draw: st.DrawFn, most: int) -> tuple[tuple[int, int, int], ...]:
+    """Weekly windows: mostly the same every day, else a few on random weekdays."""
+    kind = draw(st.integers(0, 5))
+    if kind <= 1:
+        return tuple((w, 0, 1440) for w in EVERY_DAY)
+    if kind <= 3:
+        opens, closes = stretch(draw)
+        return tuple((w, opens, closes) for w in EVERY_DAY)
+    return tuple(
+        (draw(st.integers(1, 7)), *stretch(draw)) for _ in range(draw(st.integers(0, most)))
+    )
+
+
+@st.composite
+def wide_scenarios(
+    draw: st.DrawFn,
+) -> tuple[BranchCalendar, ServiceRules, list[ResourceSchedule], list[Commitment], dict[str, Any]]:
+    zone, day = draw(st.sampled_from(ZONE_DAYS))
+    tz = ZoneInfo(zone)
+    base = datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(UTC)
+    hours_ = week(draw, 6)
+    closures = frozenset(
+        day + timedelta(days=n) for n in draw(st.sets(st.integers(-1, 3), max_size=2))
+    )
+    reserve = draw(st.sampled_from([0.0, 0.2, 0.25, 0.34, 0.5, 1.0]))
+    cal = BranchCalendar(zone, hours_, closures, reserve)
+    min_party = draw(st.sampled_from([0, 1, 1, 2]))
+    rules = ServiceRules(
+        duration_min=draw(st.sampled_from([5, 15, 30, 45, 60, 90, 150])),
+        buffer_before_min=draw(st.sampled_from([0, 0, 5, 15, 30])),
+        buffer_after_min=draw(st.sampled_from([0, 0, 10, 15])),
+        slot_interval_min=draw(st.sampled_from([10, 15, 20, 30, 45, 60])),
+        lead_time_min=draw(st.sampled_from([0, 90])),
+        horizon_days=draw(st.sampled_from([2, 30])),
+        min_party=min_party,
+        max_party=4,
+    )
+    minutes = st.integers(-1440, 4 * 1440)
+    resources: list[ResourceSchedule] = []
+    for _ in range(draw(st.integers(0, 6) | st.integers(1, 3))):
+        shifts = week(draw, 8)
+        exceptions = tuple(
+            (
+                base + timedelta(minutes=a),
+                base + timedelta(minutes=a + draw(st.integers(-30, 600))),
+                draw(st.booleans()),
+            )
+            for a in (draw(minutes) for _ in range(draw(st.integers(0, 3))))
+        )
+        resources.append(
+            ResourceSchedule(
+                draw(st.integers(1, 7)),  # ids may repeat
+                draw(st.sampled_from(["counter", "staff", "room"])),
+                draw(st.sampled_from([0, 1, 1, 2, 3, 5])),
+                shifts,
+                exceptions,
+            )
+        )
+    step = draw(st.sampled_from([1, 5, 15, 30]))  # coarse: commitments on the slot grid
+    offsets = st.integers(-96, 4 * 96).map(lambda n: timedelta(minutes=15 * n))
+    commitments: list[Commitment] = []
+    for _ in range(draw(st.integers(0, 40))):
+        if commitments and draw(st.integers(0, 2)) == 0:  # the same interval again
+            twin = draw(st.sampled_from(commitments))
+            commitments.append(Commitment(twin.resource_id, twin.starts_at, twin.ends_at, 1))
+            continue
+        start = base + draw(offsets) + timedelta(minutes=step * draw(st.integers(0, 3)))
+        if draw(st.integers(0, 9)) == 0:
+            start += timedelta(seconds=draw(st.integers(1, 59)), microseconds=7)
+        end = start + timedelta(minutes=draw(st.sampled_from([-15, 0, 15, 30, 45, 60, 200])))
+        if draw(st.integers(0, 9)) == 0:
+            start, end = start.astimezone(tz), end.astimezone(LONDON)  # other offsets
+        commitments.append(
+            Commitment(
+                draw(st.integers(1, 8)),
+                start,
+                end,
+                draw(st.sampled_from([1, 1, 1, 2, 3, 5, 0, -1])),
+            )
+        )
+    first = base + timedelta(
+        minutes=draw(st.sampled_from([0, -600, 180]) | st.integers(-600, 1440))
+    )
+    kwargs: dict[str, Any] = {
+        "party_size": max(min_party, draw(st.sampled_from([0, 1, 1, 2, 4]))),
+        "window_from": first,
+        "window_to": first
+        + timedelta(
+            minutes=draw(st.sampled_from([2880, 4320, 1440, 30, 1]) | st.integers(1, 4320))
+        ),
+        "now": first - timedelta(minutes=draw(st.sampled_from([0, 60, 1440]))),
+    }
+    return cal, rules, resources, commitments, kwargs
+
+
+def epoch_rows(commitments: list[Commitment]) -> list[tuple[int, int, int, int]]:
+    """Commitments as the database hands them to `available_slots_from_rows`."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return [
+        (
+            c.resource_id,
+            (c.starts_at - epoch) // timedelta(microseconds=1),
+            (c.ends_at - epoch) // timedelta(microseconds=1),
+            c.seats,
+        )
+        for c in commitments
+    ]
+
+
+def comparable(result: list[Slot]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            s.start,
+            s.start.tzinfo,
+            s.end,
+            s.local_start.isoformat(),
+            s.local_start.fold,
+            s.local_start.tzinfo,
+            s.remaining,
+            s.free_by_resource,
+        )
+        for s in result
+    ]
+
+
+@settings(max_examples=500, deadline=None)
+@given(wide_scenarios())
+def test_matches_the_straightforward_implementation(
+    scenario: tuple[
+        BranchCalendar, ServiceRules, list[ResourceSchedule], list[Commitment], dict[str, Any]
+    ],
+) -> None:
+    cal, rules, res, com, kwargs = scenario
+    expected = reference_slots(cal, rules, res, com, **kwargs)
+    assert comparable(available_slots(cal, rules, res, com, **kwargs)) == comparable(expected)
+    from_rows = av.available_slots_from_rows(cal, rules, res, epoch_rows(com), **kwargs)
+    assert comparable(from_rows) == comparable(expected)
+
+
+@pytest.mark.parametrize(
+    "pattern", ["one per slot", "parties per slot", "parties every other slot", "mixed lengths"]
+)
+def test_matches_the_straightforward_implementation_on_a_busy_branch(pattern: str) -> None:
+    """Bench-like: 30 resources with the same shifts and a fortnight of bookings on the
+    grid: at most one per resource and slot, several parties per slot (on every slot,
+    or on every other one, so that a candidate meets one booked interval only), or
+    bookings of several lengths that overlap partly."""
+    rng = random.Random(5)
+    tz = ZoneInfo("Europe/London")
+    cal = BranchCalendar("Europe/London", hours("08:00", "20:00"), frozenset(), 0.2)
+    res = [
+        ResourceSchedule(i, ["counter", "staff", "room"][i % 3], 1 + i % 4, hours("08:00", "20:00"))
+        for i in range(1, 31)
+    ]
+    day0 = datetime(2026, 10, 19, tzinfo=tz)  # a fall-back Sunday inside the range
+    counts, lengths = {
+        "one per slot": ([0, 1], [30]),
+        "parties per slot": ([0, 1, 2, 3], [30]),
+        "parties every other slot": ([0, 1, 2, 3], [30]),
+        "mixed lengths": ([0, 0, 1, 1, 2], [30, 30, 30, 45, 60]),
+    }[pattern]
+    com: list[Commitment] = []
+    for d in range(-1, 16):
+        for r in res:
+            for slot in range(24):
+                if pattern == "parties every other slot" and slot % 2:
+                    continue
+                for _ in range(rng.choice(counts)):
+                    start = (day0 + timedelta(days=d, minutes=480 + 30 * slot)).astimezone(UTC)
+                    end = start + timedelta(minutes=rng.choice(lengths))
+                    com.append(Commitment(r.resource_id, start, end, rng.randint(1, 2)))
+    for rules in (
+        ServiceRules(duration_min=30, slot_interval_min=30, max_party=3),
+        ServiceRules(duration_min=30, slot_interval_min=15, max_party=3),
+        ServiceRules(30, buffer_before_min=5, buffer_after_min=10, slot_interval_min=15),
+    ):
+        for party in (1, 2):
+            kwargs: dict[str, Any] = {
+                "party_size": min(party, rules.max_party),
+                "window_from": day0,
+                "window_to": day0 + timedelta(days=14),
+                "now": day0 - timedelta(days=1),
+            }
+            expected = reference_slots(cal, rules, res, com, **kwargs)
+            assert expected
+            got = available_slots(cal, rules, res, com, **kwargs)
+            assert comparable(got) == comparable(expected)
+            from_rows = av.available_slots_from_rows(cal, rules, res, epoch_rows(com), **kwargs)
+            assert comparable(from_rows) == comparable(expected)
+
+
+def test_packed_commitments_unpack_to_rows() -> None:
+    """The database hands the commitments to `compute_slots` as big-endian int8 byte
+    strings, times in microseconds since 2000-01-01 UTC (PostgreSQL's binary form)."""
+    from selfserve.scheduling import slots as sl
+
+    def packed(*columns: list[int], n: int | None = None) -> dict[str, Any]:
+        names = ("resource_ids", "starts_at", "ends_at", "seats")
+        record: dict[str, Any] = {
+            name: b"".join(v.to_bytes(8, "big", signed=True) for v in values) or None
+            for name, values in zip(names, columns, strict=True)
+        }
+        record["n"] = len(columns[0]) if n is None else n
+        return record
+
+    start = datetime(2026, 6, 1, 9, 0, 0, 250, tzinfo=UTC)
+    us = (start - datetime(2000, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    rows = list(sl._unpack(packed([7, 2**40], [us, -5], [us + 1_800_000_000, 0], [3, 1])))  # type: ignore[arg-type]
+    assert rows == [(7, us, us + 1_800_000_000, 3), (2**40, -5, 0, 1)]
+    got = av.available_slots_from_rows(
+        calendar(),
+        RULES30,
+        [resource(7, capacity=4)],
+        rows,
+        party_size=1,
+        window_from=at(MONDAY, 0),
+        window_to=at(MONDAY, 23),
+        now=at(MONDAY, 0) - timedelta(days=1),
+        epoch=datetime(2000, 1, 1, tzinfo=UTC),
+    )
+    expected = slots(calendar(), RULES30, [resource(7, capacity=4)], [booked(7, start, 30, 3)])
+    assert comparable(got) == comparable(expected)
+    assert slot_at(got, at(MONDAY, 9)) is not None
+    with pytest.raises(ValueError, match="without starts_at"):
+        sl._unpack(packed([7, 8], [us], [us + 1, us + 2], [1, 1], n=2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finite"):
+        sl._unpack(packed([7], [us], [2**63 - 1], [1]))  # type: ignore[arg-type]

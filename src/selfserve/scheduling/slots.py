@@ -4,7 +4,9 @@ that can take a party at a start, least loaded first."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import sys
+from array import array
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TypeVar
@@ -17,15 +19,31 @@ from selfserve.errors import FieldError, InvalidInput, NotFound, SlotFull, SlotU
 from selfserve.scheduling import queries as q
 from selfserve.scheduling.availability import (
     BranchCalendar,
-    Commitment,
     ResourceSchedule,
     ServiceRules,
     Slot,
-    available_slots,
+    available_slots_from_rows,
 )
 from selfserve.scheduling.models import SlotOut
 
 MAX_RANGE = timedelta(days=31)
+# The commitments read, packed: per column one byte string of big-endian int8, as
+# PostgreSQL sends them (resource ids; starts and ends as its own binary timestamptz,
+# microseconds since 2000-01-01 UTC; seats) instead of some 14,000 records. Decoding
+# records with two datetimes each cost the API more CPU than computing the slots from
+# them (the datetimes, the records, and the garbage collections that thousands of
+# live records set off); the packed columns cost it a few milliseconds, exactly the
+# same values, and PostgreSQL some 2-3 ms more.
+_PACKED_COMMITMENTS = f"""
+SELECT count(*) AS n,
+       string_agg(int8send(c.resource_id), '') AS resource_ids,
+       string_agg(timestamptz_send(c.starts_at), '') AS starts_at,
+       string_agg(timestamptz_send(c.ends_at), '') AS ends_at,
+       string_agg(int8send(c.seats), '') AS seats
+FROM ({q.COMMITMENTS}) AS c
+"""
+_PACKED_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_INFINITE = (-(2**63), 2**63 - 1)  # -infinity and infinity as a timestamptz
 _TINY = timedelta(microseconds=1)
 T = TypeVar("T")
 # Outbox rows written in a transaction, to enqueue after commit: (id, send_at).
@@ -131,12 +149,13 @@ async def compute_slots(
             shifts[s["resource_id"]].append((s["weekday"], s["start_minute"], s["end_minute"]))
         else:
             exceptions[s["resource_id"]].append((s["starts_at"], s["ends_at"], s["available"]))
-    commitments: list[Commitment] = []
+    commitments: Iterable[tuple[int, int, int, int]] = ()
     if with_commitments:
-        commitments = [
-            Commitment(c["resource_id"], c["starts_at"], c["ends_at"], c["seats"])
-            for c in await conn.fetch(q.COMMITMENTS, ids, span_lo, span_hi, now, ignore_booking)
-        ]
+        packed = await conn.fetchrow(
+            _PACKED_COMMITMENTS, ids, span_lo, span_hi, now, ignore_booking
+        )
+        if packed is not None and packed["n"]:
+            commitments = _unpack(packed)
     schedules = [
         ResourceSchedule(
             resource_id=r["id"],
@@ -147,7 +166,7 @@ async def compute_slots(
         )
         for r in resources
     ]
-    return available_slots(
+    return available_slots_from_rows(
         ctx.calendar,
         rules,
         schedules,
@@ -156,7 +175,24 @@ async def compute_slots(
         window_from=lo,
         window_to=hi,
         now=now,
+        epoch=_PACKED_EPOCH,
     )
+
+
+def _unpack(packed: asyncpg.Record) -> Iterable[tuple[int, int, int, int]]:
+    """(resource_id, starts_at, ends_at, seats) rows from `_PACKED_COMMITMENTS`."""
+    columns: list[array[int]] = []
+    for name in ("resource_ids", "starts_at", "ends_at", "seats"):
+        column = array("q", packed[name] or b"")
+        if sys.byteorder == "little":
+            column.byteswap()
+        if len(column) != packed["n"]:  # string_agg skipped a NULL
+            raise ValueError(f"a commitment without {name}")
+        columns.append(column)
+    for column in columns[1:3]:
+        if min(column) in _INFINITE or max(column) in _INFINITE:
+            raise ValueError("commitment times must be finite")
+    return zip(*columns, strict=True)
 
 
 def local_iso(instant: datetime, timezone: str) -> str:
