@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, WebSocket, get, post, websocket
 from litestar.di import NamedDependency
+from litestar.handlers import HTTPRouteHandler
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent
 
@@ -261,103 +262,6 @@ class TicketController(Controller):
         )
         return await _published(request, pool, settings, redis, changed)
 
-    async def _act(
-        self,
-        request: Request[Any, Any, Any],
-        pool: Any,
-        redis: Any,
-        settings: Any,
-        principal: Any,
-        ticket_id: int,
-        action: svc.Action,
-    ) -> TicketOut:
-        changed = await svc.act(
-            pool,
-            principal,
-            ticket_id,
-            action,
-            now=svc.utcnow(),
-            settings=settings,
-            locale=_locale(request),
-        )
-        return await _published(request, pool, settings, redis, changed)
-
-    @post(
-        "/{ticket_id:int}/recall",
-        operation_id="recallTicket",
-        status_code=200,
-        summary="Announce a called ticket again (staff)",
-        responses=problems(401, 403, 404, 409, s409=STATE_CONFLICTS),
-        guards=[require(*STAFF)],
-    )
-    async def recall(
-        self,
-        request: Request[Any, Any, Any],
-        pool: DbPool,
-        redis: Redis,
-        settings: AppSettings,
-        principal: Caller,
-        ticket_id: PathId,
-    ) -> TicketOut:
-        return await self._act(request, pool, redis, settings, principal, ticket_id, "recall")
-
-    @post(
-        "/{ticket_id:int}/start",
-        operation_id="startTicket",
-        status_code=200,
-        summary="The called customer arrived: service starts (staff)",
-        responses=problems(401, 403, 404, 409, s409=STATE_CONFLICTS),
-        guards=[require(*STAFF)],
-    )
-    async def start(
-        self,
-        request: Request[Any, Any, Any],
-        pool: DbPool,
-        redis: Redis,
-        settings: AppSettings,
-        principal: Caller,
-        ticket_id: PathId,
-    ) -> TicketOut:
-        return await self._act(request, pool, redis, settings, principal, ticket_id, "start")
-
-    @post(
-        "/{ticket_id:int}/finish",
-        operation_id="finishTicket",
-        status_code=200,
-        summary="Service done; schedules the feedback survey (staff)",
-        responses=problems(401, 403, 404, 409, s409=STATE_CONFLICTS),
-        guards=[require(*STAFF)],
-    )
-    async def finish(
-        self,
-        request: Request[Any, Any, Any],
-        pool: DbPool,
-        redis: Redis,
-        settings: AppSettings,
-        principal: Caller,
-        ticket_id: PathId,
-    ) -> TicketOut:
-        return await self._act(request, pool, redis, settings, principal, ticket_id, "finish")
-
-    @post(
-        "/{ticket_id:int}/no-show",
-        operation_id="noShowTicket",
-        status_code=200,
-        summary="A called customer did not come, after the recalls the branch requires (staff)",
-        responses=problems(401, 403, 404, 409, s409=STATE_CONFLICTS),
-        guards=[require(*STAFF)],
-    )
-    async def no_show(
-        self,
-        request: Request[Any, Any, Any],
-        pool: DbPool,
-        redis: Redis,
-        settings: AppSettings,
-        principal: Caller,
-        ticket_id: PathId,
-    ) -> TicketOut:
-        return await self._act(request, pool, redis, settings, principal, ticket_id, "no_show")
-
     @post(
         "/{ticket_id:int}/transfer",
         operation_id="transferTicket",
@@ -386,6 +290,58 @@ class TicketController(Controller):
             locale=_locale(request),
         )
         return await _published(request, pool, settings, redis, changed)
+
+
+# recall, start, finish and no-show differ only in the action and its documentation.
+ACTIONS: tuple[tuple[svc.Action, str, str, str], ...] = (
+    ("recall", "recall", "recallTicket", "Announce a called ticket again (staff)"),
+    ("start", "start", "startTicket", "The called customer arrived: service starts (staff)"),
+    ("finish", "finish", "finishTicket", "Service done; schedules the feedback survey (staff)"),
+    (
+        "no_show",
+        "no-show",
+        "noShowTicket",
+        "A called customer did not come, after the recalls the branch requires (staff)",
+    ),
+)
+
+
+def _action_route(
+    action: svc.Action, segment: str, operation_id: str, summary: str
+) -> HTTPRouteHandler:
+    async def handler(
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        ticket_id: PathId,
+    ) -> TicketOut:
+        changed = await svc.act(
+            pool,
+            principal,
+            ticket_id,
+            action,
+            now=svc.utcnow(),
+            settings=settings,
+            locale=_locale(request),
+        )
+        return await _published(request, pool, settings, redis, changed)
+
+    handler.__name__ = handler.__qualname__ = f"{action}_ticket"
+    return post(
+        f"/v1/tickets/{{ticket_id:int}}/{segment}",
+        operation_id=operation_id,
+        status_code=200,
+        summary=summary,
+        responses=problems(401, 403, 404, 409, s409=STATE_CONFLICTS),
+        guards=[require(*STAFF)],
+        tags=["Walk-in queue"],
+        security=SECURITY,
+    )(handler)
+
+
+ACTION_ROUTES = [_action_route(*a) for a in ACTIONS]
 
 
 class CheckInController(Controller):
@@ -512,4 +468,10 @@ class CounterController(Controller):
         return await _published(request, pool, settings, redis, changed)
 
 
-ROUTERS = [BranchQueuesController, TicketController, CheckInController, CounterController]
+ROUTERS: list[type[Controller] | HTTPRouteHandler] = [
+    BranchQueuesController,
+    TicketController,
+    *ACTION_ROUTES,
+    CheckInController,
+    CounterController,
+]
