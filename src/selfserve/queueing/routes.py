@@ -384,6 +384,21 @@ class CheckInController(Controller):
         return Response(await _published(request, pool, settings, redis, changed), status_code=201)
 
 
+async def _set_open(
+    request: Request[Any, Any, Any],
+    pool: Any,
+    settings: Any,
+    principal: Any,
+    counter_id: int,
+    is_open: bool,
+) -> CounterOut:
+    out, branch_id = await svc.set_counter_open(
+        pool, principal, counter_id, is_open, now=svc.utcnow()
+    )
+    await live.publish_branch(request.app, pool, settings, branch_id, now=svc.utcnow())
+    return out
+
+
 class CounterController(Controller):
     path = "/v1/counters"
     tags = ["Walk-in queue"]
@@ -405,11 +420,7 @@ class CounterController(Controller):
         principal: Caller,
         counter_id: PathId,
     ) -> CounterOut:
-        out, branch_id = await svc.set_counter_open(
-            pool, principal, counter_id, True, now=svc.utcnow()
-        )
-        await live.publish_branch(request.app, pool, settings, branch_id, now=svc.utcnow())
-        return out
+        return await _set_open(request, pool, settings, principal, counter_id, True)
 
     @post(
         "/{counter_id:int}/close",
@@ -426,11 +437,7 @@ class CounterController(Controller):
         principal: Caller,
         counter_id: PathId,
     ) -> CounterOut:
-        out, branch_id = await svc.set_counter_open(
-            pool, principal, counter_id, False, now=svc.utcnow()
-        )
-        await live.publish_branch(request.app, pool, settings, branch_id, now=svc.utcnow())
-        return out
+        return await _set_open(request, pool, settings, principal, counter_id, False)
 
     @post(
         "/{counter_id:int}/call-next",
