@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from selfserve.auth.tokens import Principal
+from selfserve.messaging.templates import render
 from selfserve.queueing import policy as call_policy
 from selfserve.queueing import service as svc
 from selfserve.queueing.models import TicketCreate
@@ -383,7 +384,7 @@ async def test_check_in_inside_the_window_joins_the_queue_first(
         1,
     )
     resp = await client.post("/v1/check-ins", json={"code": soon["code"]}, headers=bearer(h.kiosk))
-    assert resp.status_code in (404, 409)
+    assert (resp.status_code, resp.json()["code"]) == (409, "already_checked_in")
     resp = await client.post(
         "/v1/check-ins", json={"booking_id": soon["id"]}, headers=bearer(h.kiosk)
     )
@@ -472,7 +473,11 @@ async def test_sms_called_turn_near_status_and_survey(
     # 3rd in line or nearer (turn_near_position = 3): tickets 1-3 now, each once
     assert sorted(by_template["turn_near"]) == sorted(phones[1:4])
     reply = await sms(pool, phones[0], "查询", module_env.settings)
-    assert "1" in reply  # called to counter "1"
+    counter_name = await pool.fetchval("SELECT name FROM resources WHERE id = $1", counter)
+    expected = render(
+        "ticket_called", "zh-CN", ticket=tickets[0]["display_code"], counter=counter_name
+    ).body
+    assert f"<Message>{expected}</Message>" in reply
 
     await staff_post(client, h, f"/v1/tickets/{called['id']}/start")
     finished_at = datetime.now(UTC)
