@@ -5,7 +5,7 @@ time zone is not UTC, to show the order does not depend on it) and checks that
 ``ORDER BY SQL_ORDER_BY`` returns the rows in `order`'s order and that the
 counter's ``WHERE … LIMIT 1`` returns `pick_next`'s ticket, with times to the
 microsecond on both sides of both cutoffs. Then several counters call at once
-with ``FOR UPDATE SKIP LOCKED``: each gets a different ticket, and together they
+with the statement the application runs: each gets a different ticket, and together they
 get the first tickets of the policy's order.
 """
 
@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from selfserve.queueing import service as svc
 from selfserve.queueing.policy import (
     SQL_ORDER_BY,
     PolicyConfig,
@@ -30,6 +31,8 @@ from selfserve.queueing.policy import (
     pick_next,
     sql_order_by,
 )
+from tests.conftest import ModuleEnv
+from tests.queue_helpers import hall
 
 COLUMNS = ["id", "service_id", "issued_at", "priority", "appointment_at"]
 MIN = timedelta(minutes=1)
@@ -115,51 +118,60 @@ async def test_sql_order_is_the_policy_order(
         assert first == (expected.id if expected else None)
 
 
-CALL_NEXT = f"""
-SELECT tickets.id FROM call_policy_probe AS tickets
-WHERE tickets.status = 'waiting' AND tickets.service_id = ANY($3::bigint[])
-ORDER BY {SQL_ORDER_BY}
-FOR UPDATE SKIP LOCKED LIMIT 1
-"""
-
-
 async def test_counters_calling_at_once_get_distinct_tickets_first_in_order(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, module_env: ModuleEnv
 ) -> None:
+    """The statement the application runs for call-next (`svc.CALL_NEXT`), raced by
+    five counters over the real `tickets` table."""
     now = datetime(2026, 6, 1, 10, 0, tzinfo=UTC)
     cfg = PolicyConfig()
+    h = await hall(pool, module_env, durations=(10, 10, 10), counters=5)
     kinds = itertools.cycle([(0, None), (2, None), (0, now + MIN), (1, now + MIN * 30)])
-    tickets = [
-        WaitingTicket(i, 1 + i % 3, now - MIN * ((i * 7) % 31), *next(kinds)) for i in range(1, 25)
-    ]
-    skills = frozenset({1, 2})
-    counters = 5
-    async with pool.acquire() as c:
-        await c.execute(
-            "CREATE TABLE call_policy_probe (id bigint PRIMARY KEY, service_id bigint NOT NULL, "
-            "issued_at timestamptz NOT NULL, priority int NOT NULL, "
-            "appointment_at timestamptz, status text NOT NULL DEFAULT 'waiting')"
-        )
-        await c.copy_records_to_table("call_policy_probe", records=rows(tickets), columns=COLUMNS)
-    try:
-        all_selected = asyncio.Barrier(counters)
+    tickets = []
+    async with pool.acquire() as c, c.transaction():
+        for i in range(1, 25):
+            service = h.services[i % 3]
+            issued = now - MIN * ((i * 7) % 31)
+            priority, appointment_at = next(kinds)
+            tid = await c.fetchval(
+                "INSERT INTO tickets (branch_id, queue_id, service_id, local_date, number, "
+                "display_code, priority, appointment_at, channel, issued_at) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'kiosk', $9) RETURNING id",
+                h.branch_id,
+                h.queues["A"],
+                service,
+                now.date(),
+                i,
+                f"A{i:03d}",
+                priority,
+                appointment_at,
+                issued,
+            )
+            tickets.append(WaitingTicket(tid, service, issued, priority, appointment_at))
+    skills = [h.services[0], h.services[1]]
+    all_selected = asyncio.Barrier(len(h.counters))
 
-        async def call_next() -> int:
-            async with pool.acquire() as c, c.transaction():
-                await c.execute("SET LOCAL lock_timeout = '5s'")
-                tid: int = await c.fetchval(CALL_NEXT, *cutoffs(now, cfg), sorted(skills))
-                await all_selected.wait()  # every counter holds its row before any commits
-                await c.execute("UPDATE call_policy_probe SET status = 'called' WHERE id = $1", tid)
-                return tid
+    async def call_next(counter: int) -> int:
+        async with pool.acquire() as c, c.transaction():
+            await c.execute("SET LOCAL lock_timeout = '5s'")
+            tid: int = await c.fetchval(
+                svc.CALL_NEXT, h.branch_id, skills, *cutoffs(now, cfg), counter, now
+            )
+            await all_selected.wait()  # every counter holds its row before any commits
+            return tid
 
-        called = await asyncio.gather(*(call_next() for _ in range(counters)))
-        expected = [t.id for t in order(tickets, skills, now, cfg)]
-        assert len(set(called)) == counters
-        assert set(called) == set(expected[:counters])
-        # the next call, with those committed, continues down the order
-        assert (
-            await pool.fetchval(CALL_NEXT, *cutoffs(now, cfg), sorted(skills))
-            == (expected[counters])
+    called = await asyncio.gather(*(call_next(counter) for counter in h.counters))
+    expected = [t.id for t in order(tickets, frozenset(skills), now, cfg)]
+    assert len(set(called)) == len(h.counters)
+    assert set(called) == set(expected[: len(h.counters)])
+    stored = await pool.fetch(
+        "SELECT id, status, counter_id FROM tickets WHERE branch_id = $1 AND status = 'called'",
+        h.branch_id,
+    )
+    assert {(r["id"], r["counter_id"]) for r in stored} == set(zip(called, h.counters, strict=True))
+    # the next call, with those committed, continues down the order
+    async with pool.acquire() as c, c.transaction():
+        following = await c.fetchval(
+            svc.CALL_NEXT, h.branch_id, skills, *cutoffs(now, cfg), h.counters[0], now
         )
-    finally:
-        await pool.execute("DROP TABLE call_policy_probe")
+    assert following == expected[len(h.counters)]

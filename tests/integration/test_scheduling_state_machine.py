@@ -668,6 +668,18 @@ class SchedulingMachine(RuleBasedStateMachine):
         assert self.env.run(check()) == []
 
 
+OUTCOMES: dict[str, Callable[[str], bool]] = {
+    "granted": lambda o: o in ("hold: granted", "booking: granted"),
+    "full": lambda o: o.endswith(": SlotFull"),
+    "expired": lambda o: o == "convert: HoldExpired",
+    "not active": lambda o: o in ("cancel: not active", "reschedule: BookingNotActive"),
+    "converted": lambda o: o == "convert: granted",
+    "rescheduled": lambda o: o == "reschedule: granted",
+    "cancelled": lambda o: o == "cancel: cancelled",
+    "released by expiry": lambda o: o.startswith("expire: ") and not o.startswith("expire: 0"),
+}
+
+
 def test_scheduling_state_machine(module_env: ModuleEnv) -> None:
     env = Env(module_env.database_url)
     try:
@@ -690,5 +702,9 @@ def test_scheduling_state_machine(module_env: ModuleEnv) -> None:
         print(f"\nstate machine: {time.perf_counter() - started:.1f} s")
         for outcome, n in sorted(env.outcomes.items()):
             print(f"  {outcome}: {n}")
+        # Every path must have been walked in this run, or a regression that stops one
+        # (say, a reschedule that always answers full) would pass unnoticed.
+        missing = [name for name, seen in OUTCOMES.items() if not any(map(seen, env.outcomes))]
+        assert not missing, f"outcomes never reached: {missing}; seen: {dict(env.outcomes)}"
     finally:
         env.close()
