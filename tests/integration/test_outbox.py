@@ -215,9 +215,17 @@ async def sweep(pool: asyncpg.Pool, redis: ArqRedis) -> int:
 
 async def deferred_s(redis: ArqRedis, message_id: int) -> float:
     """How far in the future arq will run this message's job."""
+    return (await job_due_at(redis, message_id) - datetime.now(UTC)).total_seconds()
+
+
+async def job_due_at(redis: ArqRedis, message_id: int) -> datetime:
+    """The instant arq will run this message's job (its score, whole milliseconds)."""
     score = await redis.zscore(QUEUE, job_id(message_id))
     assert score is not None, "the job is not queued"
-    return float(score - now_ms()) / 1000
+    return datetime.fromtimestamp(score / 1000, UTC)
+
+
+MS = timedelta(milliseconds=1)  # arq scores are whole milliseconds
 
 
 async def make_due(pool: asyncpg.Pool, redis: ArqRedis, message_id: int) -> None:
@@ -492,15 +500,20 @@ async def test_429_waits_for_retry_after_then_sends_once(
     mid = await queue(pool, redis, phone=phone)
     twilio.reply(Reply(429, code=20429, message="Too Many Requests", retry_after="7"))
 
+    before = datetime.now(UTC)
     ran = await drain(env, redis)
+    after = datetime.now(UTC)
 
     assert ran.retried == 1
     r = await row(pool, mid)
     assert (r["status"], r["attempts"], r["error_code"]) == ("pending", 1, "20429")
     assert r["maybe_sent"] is False  # a 429 creates nothing
-    wait = (r["send_at"] - datetime.now(UTC)).total_seconds()
-    assert 5 < wait <= 7
-    assert 5 < await deferred_s(redis, mid) <= 7
+    # Both the row and the queued job wait Retry-After (7 s) from the moment the 429
+    # came back, which lies between `before` and `after` however slow the machine is.
+    retry_after = timedelta(seconds=7)
+    assert before + retry_after <= r["send_at"] <= after + retry_after
+    job_at = await job_due_at(redis, mid)
+    assert before + retry_after - MS <= job_at <= after + retry_after + MS
     # Until then, neither a duplicate job nor the sweep can send it early.
     assert await redis.enqueue_job("send_message", mid, _job_id="early") is not None
     assert await sweep(pool, redis) == 0
@@ -522,17 +535,19 @@ async def test_5xx_is_retried_with_capped_backoff_then_given_up(
 ) -> None:
     mid = await queue(pool, redis)
     twilio.default = Reply(500, code=20500, message="Internal Server Error")
-    waits: list[float] = []
-
     for attempt in range(1, MAX_SEND_ATTEMPTS):
+        before = datetime.now(UTC)
         ran = await drain(env, redis)
+        after = datetime.now(UTC)
         assert ran.retried == 1
         # One request per attempt: the HTTP client never retries a create itself.
         assert len(twilio.creates) == attempt
         r = await row(pool, mid)
         assert (r["status"], r["attempts"], r["error_code"]) == ("pending", attempt, "20500")
         assert r["maybe_sent"] is True
-        waits.append(round(await deferred_s(redis, mid)))
+        # the job waits the backoff from the moment the 500 came back
+        backoff = timedelta(seconds=backoff_s(attempt))
+        assert before + backoff - MS <= await job_due_at(redis, mid) <= after + backoff + MS
         await make_due(pool, redis, mid)
 
     ran = await drain(env, redis)
@@ -541,8 +556,8 @@ async def test_5xx_is_retried_with_capped_backoff_then_given_up(
     assert len(twilio.creates) == MAX_SEND_ATTEMPTS
     # Each retry first asked whether the failed attempt had gone through after all.
     assert len(twilio.lookups) == MAX_SEND_ATTEMPTS - 1
-    assert waits == [round(backoff_s(n)) for n in range(1, MAX_SEND_ATTEMPTS)]
-    assert waits == [15, 30, 60, 120, 240, 480, 600]  # doubling, capped at 10 minutes
+    # doubling, capped at 10 minutes
+    assert [backoff_s(n) for n in range(1, MAX_SEND_ATTEMPTS)] == [15, 30, 60, 120, 240, 480, 600]
     r = await row(pool, mid)
     assert (r["status"], r["attempts"], r["error_code"]) == ("failed", MAX_SEND_ATTEMPTS, "20500")
     assert r["error_message"].startswith(f"gave up after {MAX_SEND_ATTEMPTS} attempts")
@@ -654,7 +669,9 @@ async def test_quiet_hours_hold_a_reminder_until_the_branch_morning(
     reminder = await queue(pool, redis, branch_id=branch_id)
     code = await queue(pool, redis, branch_id=branch_id, time_critical=True)
 
+    before = datetime.now(UTC)
     ran = await drain(env, redis, startup_with(clock=clock))
+    after = datetime.now(UTC)
 
     assert ran.retried == 1
     # The time-critical message (a code, "you are next") goes out at 22:30.
@@ -664,8 +681,8 @@ async def test_quiet_hours_hold_a_reminder_until_the_branch_morning(
     r = await row(pool, reminder)
     assert (r["status"], r["attempts"], r["send_at"]) == ("pending", 0, morning)
     # Its job waits in arq just as long (measured from the worker's clock).
-    wait = (morning - clock).total_seconds()
-    assert wait - 2 < await deferred_s(redis, reminder) <= wait
+    wait = morning - clock
+    assert before + wait - MS <= await job_due_at(redis, reminder) <= after + wait + MS
 
     # Morning comes.
     await make_due(pool, redis, reminder)
@@ -802,12 +819,15 @@ async def test_a_message_moved_later_waits_for_its_new_time(
     mid = await queue(pool, redis, dedupe_key=key + "reminder")
     async with transaction(pool) as conn:
         assert await reschedule_messages(conn, key, datetime.now(UTC) + timedelta(hours=1)) == [mid]
-    # The job queued for the old time runs, finds the row not due, and waits.
+    # The job queued for the old time runs, finds the row not due, and waits for it.
+    before = datetime.now(UTC)
     ran = await drain(env, redis)
+    after = datetime.now(UTC)
     assert ran.retried == 1
     assert twilio.creates == []
-    assert 3590 < await deferred_s(redis, mid) <= 3600
     r = await row(pool, mid)
+    due = await job_due_at(redis, mid)
+    assert r["send_at"] - MS <= due <= r["send_at"] + (after - before) + MS
     assert (r["status"], r["attempts"]) == ("pending", 0)
 
 
