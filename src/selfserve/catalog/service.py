@@ -6,7 +6,7 @@ import itertools
 import re
 import secrets
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -48,6 +48,7 @@ from selfserve.catalog.models import (
 )
 from selfserve.db import Conn, constraint_of, to_struct, transaction
 from selfserve.errors import Conflict, FieldError, Forbidden, InvalidInput, NotFound
+from selfserve.scheduling import ledger
 
 Page = tuple[list[Any], str | None]
 
@@ -435,8 +436,13 @@ async def update_resource(
 ) -> Resource:
     changes = _changes(data)
     skills = changes.pop("skills", None)
+    capacity = changes.pop("capacity", None)
     async with transaction(pool) as conn:
         branch_id = await _lock_for_write(conn, principal, "resources", resource_id)
+        if capacity is not None:
+            # Through the ledger, in this transaction: its future units get the new
+            # capacity, or 409 `capacity_in_use` when taken seats would not fit.
+            await ledger.resize_capacity(conn, resource_id, capacity, datetime.now(UTC))
         await q.update_columns(conn, "resources", resource_id, changes)
         if skills is not None:
             await _check_skills(conn, branch_id, skills)
@@ -456,6 +462,8 @@ async def deactivate_resource(
 ) -> Resource:
     async with transaction(pool) as conn:
         await _lock_for_write(conn, principal, "resources", resource_id)
+        # 409 `capacity_in_use` while bookings or holds still have seats on it.
+        await ledger.retire_resource(conn, resource_id, datetime.now(UTC))
         await conn.execute(
             "UPDATE resources SET active = false, updated_at = now() WHERE id = $1", resource_id
         )

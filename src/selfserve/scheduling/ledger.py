@@ -103,7 +103,8 @@ class Violation(msgspec.Struct, frozen=True, kw_only=True):
     unit_start: datetime
     seats: int  # recomputed from live holds and counting bookings
     used: int | None  # what the ledger says (None: no ledger row)
-    capacity: int | None
+    capacity: int | None  # the ledger row's
+    resource_capacity: int  # the resource's own
 
 
 class Change(NamedTuple):
@@ -247,11 +248,68 @@ async def release_capacity(
     await _apply(conn, [Change(resource_id, 0, occupied_from, occupied_to, -seats)])
 
 
+# Live commitments of a resource over its units where `used` exceeds a capacity
+# ($3) from a unit ($2) on: what a capacity change would no longer fit. A unit and a
+# commitment meet exactly when the span overlaps the unit (spans round outward).
+CONFLICTS = """
+WITH over AS (
+    SELECT tstzrange(unit_start, unit_start + interval '5 minutes') AS unit
+    FROM resource_capacity_units
+    WHERE resource_id = $1 AND unit_start >= $2 AND used > $3
+)
+SELECT
+    ARRAY(SELECT b.id FROM bookings b
+          WHERE b.resource_id = $1
+            AND b.status IN ('pending_payment', 'confirmed', 'completed')
+            AND EXISTS (SELECT 1 FROM over WHERE over.unit && b.occupied)
+          ORDER BY b.starts_at, b.id LIMIT $4) AS booking_ids,
+    (SELECT count(*) FROM bookings b
+     WHERE b.resource_id = $1
+       AND b.status IN ('pending_payment', 'confirmed', 'completed')
+       AND EXISTS (SELECT 1 FROM over WHERE over.unit && b.occupied)) AS bookings,
+    (SELECT count(*) FROM holds h
+     WHERE h.resource_id = $1 AND h.released_at IS NULL
+       AND EXISTS (SELECT 1 FROM over WHERE over.unit && h.occupied)) AS holds,
+    (SELECT count(*) FROM over) AS units,
+    (SELECT min(lower(unit)) FROM over) AS first_unit
+"""
+CONFLICTS_LISTED = 50  # booking ids named in a refusal, at most
+
+
+def _current_unit(now: datetime) -> datetime:
+    return EPOCH + ((now - EPOCH) // UNIT) * UNIT
+
+
+async def _in_use(
+    conn: Conn, resource_id: int, from_unit: datetime, capacity: int, *, used: int
+) -> CapacityInUse:
+    row = await conn.fetchrow(CONFLICTS, resource_id, from_unit, capacity, CONFLICTS_LISTED)
+    assert row is not None
+    return CapacityInUse(
+        extra={
+            "resource_id": resource_id,
+            "capacity": capacity,
+            "used": used,
+            "units": row["units"],
+            "from": row["first_unit"].isoformat() if row["first_unit"] else None,
+            "bookings": row["bookings"],
+            "holds": row["holds"],
+            "booking_ids": list(row["booking_ids"]),
+        }
+    )
+
+
 async def resize_capacity(conn: Conn, resource_id: int, new_capacity: int, now: datetime) -> None:
     """Change a resource's capacity and that of its unit rows from the current unit on.
 
     Units that ended before `now` keep the capacity they had (history). Refuses with
-    `CapacityInUse` when some current or future unit already uses more seats.
+    `CapacityInUse` (naming and counting the commitments that would not fit) when
+    some current or future unit already uses more seats.
+
+    Race-free with concurrent takes: the resource row is updated (locked) first, and
+    every take reads the resource `FOR SHARE` before it creates or locks units, so a
+    take either committed before (its seats are seen here) or waits and then copies
+    the new capacity.
     """
     _require_transaction(conn)
     if new_capacity < 1:
@@ -264,7 +322,7 @@ async def resize_capacity(conn: Conn, resource_id: int, new_capacity: int, now: 
     )
     if found is None:
         raise NotFound()
-    from_unit = EPOCH + ((now - EPOCH) // UNIT) * UNIT
+    from_unit = _current_unit(now)
     await conn.execute(
         "SELECT 1 FROM resource_capacity_units WHERE resource_id = $1 AND unit_start >= $2 "
         "ORDER BY unit_start FOR UPDATE",
@@ -277,7 +335,7 @@ async def resize_capacity(conn: Conn, resource_id: int, new_capacity: int, now: 
         from_unit,
     )
     if worst is not None and worst > new_capacity:
-        raise CapacityInUse(extra={"resource_id": resource_id, "used": worst})
+        raise await _in_use(conn, resource_id, from_unit, new_capacity, used=worst)
     await conn.execute(
         "UPDATE resource_capacity_units SET capacity = $3 "
         "WHERE resource_id = $1 AND unit_start >= $2 AND capacity <> $3",
@@ -285,6 +343,24 @@ async def resize_capacity(conn: Conn, resource_id: int, new_capacity: int, now: 
         from_unit,
         new_capacity,
     )
+
+
+async def retire_resource(conn: Conn, resource_id: int, now: datetime) -> None:
+    """Check that a resource about to be deactivated has no seats taken from the current
+    unit on; `CapacityInUse` (naming the commitments) otherwise.
+
+    The caller holds the resource row `FOR UPDATE`: takes read it `FOR SHARE` first, so
+    none is under way, and once the row says inactive none can start."""
+    _require_transaction(conn)
+    from_unit = _current_unit(now)
+    worst = await conn.fetchval(
+        "SELECT max(used) FROM resource_capacity_units "
+        "WHERE resource_id = $1 AND unit_start >= $2 AND used > 0",
+        resource_id,
+        from_unit,
+    )
+    if worst is not None:
+        raise await _in_use(conn, resource_id, from_unit, 0, used=worst)
 
 
 # --- holds and bookings --------------------------------------------------------
@@ -702,23 +778,37 @@ WITH commitments AS (
         interval '5 minutes'
     ) AS g(unit_start)
     GROUP BY c.resource_id, g.unit_start
+), pruned AS (
+    SELECT coalesce(max(purged_before), '-infinity') AS before FROM capacity_ledger_purge
 )
 SELECT coalesce(s.resource_id, u.resource_id) AS resource_id,
        coalesce(s.unit_start, u.unit_start) AS unit_start,
-       coalesce(s.seats, 0) AS seats, u.used, u.capacity
+       coalesce(s.seats, 0) AS seats, u.used, u.capacity,
+       r.capacity AS resource_capacity
 FROM seats s
 FULL JOIN resource_capacity_units u
   ON u.resource_id = s.resource_id AND u.unit_start = s.unit_start
-WHERE coalesce(u.used, 0) <> coalesce(s.seats, 0)
-   OR coalesce(s.seats, 0) > coalesce(u.capacity, 0)
+JOIN resources r ON r.id = coalesce(s.resource_id, u.resource_id)
+CROSS JOIN pruned
+WHERE (u.resource_id IS NOT NULL OR s.unit_start >= pruned.before)
+  AND (coalesce(u.used, 0) <> coalesce(s.seats, 0)
+       OR coalesce(s.seats, 0) > coalesce(u.capacity, 0)
+       OR (coalesce(s.unit_start, u.unit_start) + interval '5 minutes'
+               > coalesce($1::timestamptz, now())
+           AND (u.capacity IS DISTINCT FROM r.capacity OR coalesce(s.seats, 0) > r.capacity)))
 ORDER BY 1, 2
 """
 
 
-async def overbooked(conn: Conn) -> list[Violation]:
+async def overbooked(conn: Conn, now: datetime | None = None) -> list[Violation]:
     """Every (resource, unit) over capacity, or whose ledger `used` differs from the rows.
 
-    Empty means: live holds plus counting bookings fit every resource, and the
-    ledger is exactly their sum.
+    Empty means: live holds plus counting bookings fit every resource, the ledger
+    is exactly their sum, and every unit that has not ended by `now` (default: the
+    database's clock) has the resource's real capacity and fits it. Units that ended
+    keep the capacity they had. Units the purge removed (before
+    `capacity_ledger_purge.purged_before`) are not looked for; the rows that remain
+    there are checked like any other.
     """
-    return [msgspec.convert(dict(r), Violation) for r in await conn.fetch(OVERBOOKED)]
+    rows = await conn.fetch(OVERBOOKED, now)
+    return [msgspec.convert(dict(r), Violation) for r in rows]
