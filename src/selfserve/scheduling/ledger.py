@@ -41,7 +41,7 @@ from typing import Literal, NamedTuple
 
 import msgspec
 
-from selfserve.db import Conn, Record
+from selfserve.db import Conn, Pool, Record, in_transaction_with_retry
 from selfserve.errors import (
     BookingNotActive,
     CapacityInUse,
@@ -759,6 +759,82 @@ async def reschedule_booking(
     )
     assert row is not None
     return _booking(row)
+
+
+# --- pruning the past ----------------------------------------------------------
+
+# Units are kept this long after they end (for inspection), then purged.
+PURGE_KEEP = timedelta(days=2)
+PURGE_BATCH = 500  # unit rows per transaction
+PURGE_MAX_BATCHES = 200  # per run; the next run goes on
+
+MARK_PURGED = """
+INSERT INTO capacity_ledger_purge (singleton, purged_before) VALUES (true, $1)
+ON CONFLICT (singleton) DO UPDATE
+SET purged_before = greatest(capacity_ledger_purge.purged_before, EXCLUDED.purged_before),
+    updated_at = now()
+"""
+
+# Oldest first; rows another transaction holds (a release under way) are skipped,
+# and so are units a live commitment still covers: it may yet give its seats back
+# there (a no-show, a cancel), which needs the row. Counting bookings that are no
+# longer live (completed) do not keep their units.
+PURGE_BATCH_SQL = """
+WITH doomed AS (
+    SELECT u.resource_id, u.unit_start
+    FROM resource_capacity_units u
+    WHERE u.unit_start < $1
+      AND NOT EXISTS (
+          SELECT 1 FROM holds h
+          WHERE h.resource_id = u.resource_id AND h.released_at IS NULL
+            AND h.occupied && tstzrange(u.unit_start, u.unit_start + interval '5 minutes'))
+      AND NOT EXISTS (
+          SELECT 1 FROM bookings b
+          WHERE b.resource_id = u.resource_id
+            AND b.status IN ('pending_payment', 'confirmed')
+            AND b.occupied && tstzrange(u.unit_start, u.unit_start + interval '5 minutes'))
+    ORDER BY u.unit_start, u.resource_id
+    LIMIT $2
+    FOR UPDATE OF u SKIP LOCKED
+)
+DELETE FROM resource_capacity_units u
+USING doomed d
+WHERE u.resource_id = d.resource_id AND u.unit_start = d.unit_start
+"""
+
+
+async def purge_units(
+    pool: Pool,
+    now: datetime,
+    *,
+    keep: timedelta = PURGE_KEEP,
+    batch: int = PURGE_BATCH,
+    max_batches: int = PURGE_MAX_BATCHES,
+) -> int:
+    """Delete the unit rows that ended more than `keep` before `now`, `batch` rows per
+    transaction; returns how many went.
+
+    First the mark `capacity_ledger_purge.purged_before` moves forward (never back) and
+    commits, so the invariant query stops looking for the units before it before any
+    of them is gone. Safe to run twice or concurrently (rows are claimed with
+    `SKIP LOCKED`; the mark only grows)."""
+    if batch < 1 or max_batches < 1:
+        raise ValueError("batch and max_batches must be positive")
+    before = _current_unit(now - keep)
+    await pool.execute(MARK_PURGED, before)
+
+    async def one_batch(conn: Conn) -> int:
+        await conn.execute(SET_LOCK_TIMEOUT)
+        result: str = await conn.execute(PURGE_BATCH_SQL, before, batch)
+        return int(result.split()[-1])
+
+    total = 0
+    for _ in range(max_batches):
+        done = await in_transaction_with_retry(pool, one_batch)
+        total += done
+        if done < batch:
+            break
+    return total
 
 
 # --- the invariant -------------------------------------------------------------

@@ -809,6 +809,11 @@ async def sweep_waitlist(ctx: dict[str, Any]) -> int:
     return offered
 
 
+async def purge_capacity_ledger(ctx: dict[str, Any]) -> int:
+    """Delete capacity-ledger units of the past in small batches (`ledger.purge_units`)."""
+    return await ledger.purge_units(ctx["pool"], utcnow())
+
+
 async def purge_idempotency_keys(ctx: dict[str, Any]) -> int:
     """Forget idempotency records older than a day (clients retry within minutes)."""
     result: str = await ctx["pool"].execute(
