@@ -50,6 +50,8 @@ from selfserve.errors import (
     NotFound,
     SlotFull,
 )
+from selfserve.scheduling.availability import ResourceSchedule, on_shift, reserve_share
+from selfserve.scheduling.queries import SCHEDULES
 
 UNIT = timedelta(minutes=5)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -175,13 +177,59 @@ RETURNING u.resource_id, u.unit_start
 """
 
 
+# The same, when the walk-in reserve applies: also none of the units $4 may then hold
+# more counter seats at once (summed over the counters $7 of the pool, all locked)
+# than its limit $6, once their net change $5 is made.
+APPLY_DELTAS_RESERVED = """
+WITH d AS (
+    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::integer[])
+        AS d(resource_id, unit_start, delta)
+), fit AS (
+    SELECT count(*) AS n
+    FROM resource_capacity_units u
+    JOIN d ON u.resource_id = d.resource_id AND u.unit_start = d.unit_start
+    WHERE d.delta <= 0 OR u.used + d.delta <= u.capacity
+), p AS (
+    SELECT * FROM unnest($4::timestamptz[], $5::integer[], $6::integer[])
+        AS p(unit_start, delta, seats_max)
+), over AS (
+    SELECT count(*) AS n
+    FROM p
+    WHERE p.seats_max < p.delta + (
+        SELECT coalesce(sum(u.used), 0) FROM resource_capacity_units u
+        WHERE u.resource_id = ANY($7::bigint[]) AND u.unit_start = p.unit_start)
+)
+UPDATE resource_capacity_units u
+SET used = u.used + d.delta
+FROM d, fit, over
+WHERE fit.n = cardinality($1::bigint[]) AND over.n = 0
+  AND u.resource_id = d.resource_id AND u.unit_start = d.unit_start
+  AND (d.delta <= 0 OR u.used + d.delta <= u.capacity)
+RETURNING u.resource_id, u.unit_start
+"""
+
+
+class CounterPool(NamedTuple):
+    """The walk-in reserve where a counter takes seats: the counters of the branch that
+    offer the service (`capacity` read `FOR SHARE`), and per unit of the span the most
+    counter seats they may hold at once, floor(C * (1 - reserve)), C the summed
+    capacity of those on shift over that unit."""
+
+    capacity: dict[int, int]
+    seats_max: dict[datetime, int]
+
+
 def _require_transaction(conn: Conn) -> None:
     if not conn.is_in_transaction():
         raise RuntimeError("capacity changes must run inside the caller's transaction")
 
 
-async def _apply(conn: Conn, changes: Iterable[Change]) -> None:
-    """Apply all `changes` at once (net per unit), or raise `SlotFull` changing nothing."""
+async def _apply(conn: Conn, changes: Iterable[Change], reserve: CounterPool | None = None) -> None:
+    """Apply all `changes` at once (net per unit), or raise `SlotFull` changing nothing.
+
+    With `reserve`, the unit rows of every counter of the pool over the units where a
+    counter grows are created and locked too (in the same sorted order), so the
+    summed counter seats the guarded statement checks cannot change under it."""
     _require_transaction(conn)
     deltas: dict[tuple[int, datetime], int] = {}
     capacity: dict[int, int] = {}
@@ -197,18 +245,41 @@ async def _apply(conn: Conn, changes: Iterable[Change]) -> None:
     rids = [k[0] for k in keys]
     units = [k[1] for k in keys]
     await conn.execute(SET_LOCK_TIMEOUT)
-    growing = [k for k in keys if deltas[k] > 0]
-    if growing:
+    create = {k: capacity[k[0]] for k in keys if deltas[k] > 0}
+    lock = set(keys)
+    checks: list[tuple[datetime, int, int]] = []
+    if reserve is not None:
+        members = reserve.capacity
+        pooled = sorted({u for (r, u) in create if r in members})
+        for unit in pooled:
+            net = sum(deltas.get((m, unit), 0) for m in members)
+            if net > 0:
+                checks.append((unit, net, reserve.seats_max[unit]))
+            for m, cap in members.items():
+                create.setdefault((m, unit), cap)
+                lock.add((m, unit))
+    if create:
+        made = sorted(create)
         await conn.execute(
-            CREATE_UNITS,
-            [k[0] for k in growing],
-            [k[1] for k in growing],
-            [capacity[k[0]] for k in growing],
+            CREATE_UNITS, [k[0] for k in made], [k[1] for k in made], [create[k] for k in made]
         )
-    locked = await conn.fetch(LOCK_UNITS, rids, units)
-    if len(locked) != len(keys):
+    locking = sorted(lock)
+    locked = await conn.fetch(LOCK_UNITS, [k[0] for k in locking], [k[1] for k in locking])
+    if len(locked) != len(locking):
         raise LedgerError("seats given back from units the ledger never recorded")
-    applied = await conn.fetch(APPLY_DELTAS, rids, units, [deltas[k] for k in keys])
+    if checks and reserve is not None:
+        applied = await conn.fetch(
+            APPLY_DELTAS_RESERVED,
+            rids,
+            units,
+            [deltas[k] for k in keys],
+            [c[0] for c in checks],
+            [c[1] for c in checks],
+            [c[2] for c in checks],
+            sorted(reserve.capacity),
+        )
+    else:
+        applied = await conn.fetch(APPLY_DELTAS, rids, units, [deltas[k] for k in keys])
     if not applied:
         full = [k for k in keys if deltas[k] > 0]
         raise SlotFull(extra={"resource_id": full[0][0], "unit_start": full[0][1].isoformat()})
@@ -223,6 +294,7 @@ async def take_capacity(
     occupied_from: datetime,
     occupied_to: datetime,
     seats: int,
+    reserve: CounterPool | None = None,
 ) -> None:
     """Take `seats` on every unit of the span or raise `SlotFull` (ledger unchanged).
 
@@ -232,7 +304,7 @@ async def take_capacity(
     """
     if seats < 1:
         raise ValueError("seats must be positive")
-    await _apply(conn, [Change(resource_id, capacity, occupied_from, occupied_to, seats)])
+    await _apply(conn, [Change(resource_id, capacity, occupied_from, occupied_to, seats)], reserve)
 
 
 async def release_capacity(
@@ -375,18 +447,73 @@ class _Slot(NamedTuple):
     ends_at: datetime
     occupied_from: datetime
     occupied_to: datetime
+    reserve: CounterPool | None
 
 
 SLOT_CONTEXT = """
 SELECT s.branch_id, s.duration_min, s.buffer_before_min, s.buffer_after_min,
        s.min_party, s.max_party, s.active AS service_active,
        r.branch_id AS resource_branch_id, r.capacity, r.active AS resource_active,
+       r.kind, b.walk_in_reserve::float8 AS walk_in_reserve, b.timezone,
        EXISTS (SELECT 1 FROM resource_skills k
                WHERE k.resource_id = r.id AND k.service_id = s.id) AS skilled
-FROM services s, resources r
+FROM services s
+JOIN branches b ON b.id = s.branch_id
+CROSS JOIN resources r
 WHERE s.id = $1 AND r.id = $2
 FOR SHARE OF r
 """
+
+# The counters of a branch that offer a service (availability's counter pool),
+# share-locked like the resource a take copies its capacity from.
+POOL_COUNTERS = """
+SELECT r.id, r.capacity
+FROM resources r JOIN resource_skills k ON k.resource_id = r.id
+WHERE k.service_id = $1 AND r.branch_id = $2 AND r.active AND r.kind = 'counter'
+ORDER BY r.id
+FOR SHARE OF r
+"""
+
+
+async def _counter_pool(
+    conn: Conn,
+    service_id: int,
+    branch_id: int,
+    timezone: str,
+    reserve: float,
+    occupied_from: datetime,
+    occupied_to: datetime,
+) -> CounterPool:
+    """The walk-in reserve over a counter's occupied span (see `CounterPool`); the same
+    rule as availability's counter pool, per 5-minute unit: a counter counts towards
+    C over a unit when it is on shift over all of the unit's part of the span."""
+    rows = await conn.fetch(POOL_COUNTERS, service_id, branch_id)
+    capacity = {r["id"]: r["capacity"] for r in rows}
+    shifts: dict[int, list[tuple[int, int, int]]] = {m: [] for m in capacity}
+    exceptions: dict[int, list[tuple[datetime, datetime, bool]]] = {m: [] for m in capacity}
+    for s in await conn.fetch(SCHEDULES, list(capacity), occupied_from, occupied_to):
+        if s["kind"] == "shift":
+            shifts[s["resource_id"]].append((s["weekday"], s["start_minute"], s["end_minute"]))
+        else:
+            exceptions[s["resource_id"]].append((s["starts_at"], s["ends_at"], s["available"]))
+    on = {
+        m: on_shift(
+            timezone,
+            ResourceSchedule(m, "counter", cap, tuple(shifts[m]), tuple(exceptions[m])),
+            occupied_from,
+            occupied_to,
+        )
+        for m, cap in capacity.items()
+    }
+    share = reserve_share(reserve)
+    seats_max: dict[datetime, int] = {}
+    for unit in unit_starts(occupied_from, occupied_to):
+        lo, hi = max(unit, occupied_from), min(unit + UNIT, occupied_to)
+        total = sum(
+            cap for m, cap in capacity.items() if any(a <= lo and hi <= b for a, b in on[m])
+        )
+        seats_max[unit] = total * share.numerator // share.denominator
+    return CounterPool(capacity=capacity, seats_max=seats_max)
 
 
 async def _slot_context(
@@ -403,6 +530,19 @@ async def _slot_context(
     if not row["min_party"] <= party_size <= row["max_party"]:
         raise InvalidInput.field("party_size", "is outside what the service allows")
     ends_at = starts_at + timedelta(minutes=row["duration_min"])
+    occupied_from = starts_at - timedelta(minutes=row["buffer_before_min"])
+    occupied_to = ends_at + timedelta(minutes=row["buffer_after_min"])
+    reserve = None
+    if row["kind"] == "counter" and row["walk_in_reserve"] > 0:
+        reserve = await _counter_pool(
+            conn,
+            service_id,
+            row["branch_id"],
+            row["timezone"],
+            row["walk_in_reserve"],
+            occupied_from,
+            occupied_to,
+        )
     return _Slot(
         branch_id=row["branch_id"],
         service_id=service_id,
@@ -410,8 +550,9 @@ async def _slot_context(
         capacity=row["capacity"],
         starts_at=starts_at,
         ends_at=ends_at,
-        occupied_from=starts_at - timedelta(minutes=row["buffer_before_min"]),
-        occupied_to=ends_at + timedelta(minutes=row["buffer_after_min"]),
+        occupied_from=occupied_from,
+        occupied_to=occupied_to,
+        reserve=reserve,
     )
 
 
@@ -442,7 +583,13 @@ async def create_hold(
     """Take the seats until `now + ttl`; `SlotFull` when they are not free."""
     slot = await _slot_context(conn, service_id, resource_id, starts_at, party_size)
     await take_capacity(
-        conn, resource_id, slot.capacity, slot.occupied_from, slot.occupied_to, party_size
+        conn,
+        resource_id,
+        slot.capacity,
+        slot.occupied_from,
+        slot.occupied_to,
+        party_size,
+        slot.reserve,
     )
     row = await conn.fetchrow(
         """
@@ -533,7 +680,13 @@ async def create_booking(
     """Book from scratch: take the seats and write the booking, or raise `SlotFull`."""
     slot = await _slot_context(conn, service_id, resource_id, starts_at, party_size)
     await take_capacity(
-        conn, resource_id, slot.capacity, slot.occupied_from, slot.occupied_to, party_size
+        conn,
+        resource_id,
+        slot.capacity,
+        slot.occupied_from,
+        slot.occupied_to,
+        party_size,
+        slot.reserve,
     )
     return await _insert_booking(
         conn,
@@ -741,6 +894,7 @@ async def reschedule_booking(
             ),
             Change(old["resource_id"], 0, old["f"], old["t"], -old["party_size"]),
         ],
+        slot.reserve,
     )
     row = await conn.fetchrow(
         """
