@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import httpx
@@ -17,9 +18,19 @@ import pytest
 
 from selfserve import db
 from selfserve.scheduling import ledger
-from tests.booking_helpers import at_hour, book, customer, invariant_holds, remaining, seed
+from tests.booking_helpers import (
+    at_hour,
+    book,
+    customer,
+    invariant_holds,
+    iso,
+    remaining,
+    seed,
+)
 from tests.conftest import ModuleEnv
 from tests.helpers import bearer, login, make_staff
+
+HOUR = timedelta(hours=1)
 
 
 @pytest.fixture(scope="module")
@@ -199,4 +210,101 @@ async def test_a_resource_with_bookings_ahead_cannot_be_deactivated(
     done = await client.post(f"/v1/admin/resources/{rid}/deactivate", headers=bearer(admin_token))
     assert done.status_code == 200, done.text
     assert done.json()["active"] is False
+    await invariant_holds(pool)
+
+
+async def time_off(
+    client: httpx.AsyncClient, token: str, rid: int, lo: datetime, hi: datetime
+) -> httpx.Response:
+    body = {
+        "kind": "exception",
+        "resource_id": rid,
+        "starts_at": iso(lo),
+        "ends_at": iso(hi),
+        "available": False,
+    }
+    return await client.post("/v1/admin/schedules", json=body, headers=bearer(token))
+
+
+async def off_shift(pool: asyncpg.Pool, rid: int) -> set[tuple[str, int]]:
+    """Live commitments of the resource that are not on shift any more."""
+    now = datetime.now(UTC)
+    async with pool.acquire() as conn, conn.transaction():
+        live = {(r["kind"], r["id"]) for r in await conn.fetch(ledger.LIVE_AHEAD, rid, now)}
+        return live - await ledger.commitments_on_shift(conn, rid, now)
+
+
+async def test_schedule_changes_that_leave_a_booking_off_shift_are_refused(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, module_env: ModuleEnv, admin_token: str
+) -> None:
+    _, sid, [rid] = await seed(pool, capacity=2)
+    bid = await pool.fetchval("SELECT branch_id FROM resources WHERE id = $1", rid)
+    start = at_hour(2, 5)
+    _, _, token = await customer(pool, module_env)
+    made = await book(client, token, bid, sid, start)
+    assert made.status_code == 201, made.text
+    booking_id = made.json()["id"]
+
+    refused = await time_off(client, admin_token, rid, start + timedelta(minutes=10), start + HOUR)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["code"] == "capacity_in_use"
+    assert refused.json()["booking_ids"] == [booking_id]
+    elsewhere = await time_off(client, admin_token, rid, start + HOUR, start + 2 * HOUR)
+    assert elsewhere.status_code == 201, elsewhere.text
+
+    weekday = start.astimezone(ZoneInfo("Asia/Shanghai")).isoweekday()
+    shift_id = await pool.fetchval(
+        "SELECT id FROM schedules WHERE resource_id = $1 AND kind = 'shift' AND weekday = $2",
+        rid,
+        weekday,
+    )
+    other_day = await pool.fetchval(
+        "SELECT id FROM schedules WHERE resource_id = $1 AND kind = 'shift' AND weekday <> $2 "
+        "ORDER BY id LIMIT 1",
+        rid,
+        weekday,
+    )
+    headers = bearer(admin_token)
+    for resp in (
+        await client.post(f"/v1/admin/schedules/{shift_id}/deactivate", headers=headers),
+        await client.patch(
+            f"/v1/admin/schedules/{shift_id}", json={"end": "00:05"}, headers=headers
+        ),
+        await client.patch(  # extra time removed: the exception turns into time on
+            f"/v1/admin/schedules/{elsewhere.json()['id']}",
+            json={"starts_at": iso(start), "ends_at": iso(start + HOUR)},
+            headers=headers,
+        ),
+    ):
+        assert resp.status_code == 409, resp.text
+        assert resp.json()["code"] == "capacity_in_use"
+    assert await off_shift(pool, rid) == set()
+    fine = await client.post(f"/v1/admin/schedules/{other_day}/deactivate", headers=headers)
+    assert fine.status_code == 200, fine.text
+    await invariant_holds(pool)
+
+
+async def test_time_off_racing_bookings_never_leaves_a_booking_off_shift(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, module_env: ModuleEnv, admin_token: str
+) -> None:
+    tokens = [(await customer(pool, module_env))[2] for _ in range(10)]
+    for round_ in range(6):
+        _, sid, [rid] = await seed(pool, capacity=20)
+        bid = await pool.fetchval("SELECT branch_id FROM resources WHERE id = $1", rid)
+        start = at_hour(3, round_)
+        tasks = [asyncio.create_task(book(client, t, bid, sid, start)) for t in tokens]
+        tasks.insert(
+            round_,
+            asyncio.create_task(time_off(client, admin_token, rid, start, start + HOUR)),
+        )
+        results = await asyncio.gather(*tasks)
+        off = results[round_]
+        made = sum(r.status_code == 201 for i, r in enumerate(results) if i != round_)
+        assert off.status_code in (201, 409), off.text
+        assert all(r.status_code in (201, 409) for i, r in enumerate(results) if i != round_), [
+            r.text for r in results
+        ]
+        # Time off goes in only when no booking got there first, and then none after it.
+        assert (made == 0) == (off.status_code == 201), (made, off.text)
+        assert await off_shift(pool, rid) == set()
     await invariant_holds(pool)

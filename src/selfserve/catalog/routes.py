@@ -352,8 +352,10 @@ class AdminScheduleController(Controller):
         summary="Add a weekly shift or a dated exception to a resource",
         description="`kind: shift` takes weekday + start/end in branch wall time; "
         "`kind: exception` takes an instant range (`available: false` = off). "
-        "Overlapping shifts of one resource are refused with 422 `overlapping_shift`.",
-        responses=CREATE_ERRORS,
+        "Overlapping shifts of one resource are refused with 422 `overlapping_shift`; "
+        "time off that would leave a booking or hold off shift with 409 `capacity_in_use` "
+        "(also when updating or deactivating an entry).",
+        responses={**CREATE_ERRORS, **problems(409)},
         guards=[require(*ADMIN_WRITERS)],
     )
     async def create(
@@ -401,7 +403,7 @@ class AdminScheduleController(Controller):
         "/{schedule_id:int}",
         operation_id="updateSchedule",
         summary="Update a schedule entry",
-        responses=WRITE_ERRORS,
+        responses=RESIZE_ERRORS,
         guards=[require(*ADMIN_WRITERS)],
     )
     async def update(
@@ -418,7 +420,7 @@ class AdminScheduleController(Controller):
         operation_id="deactivateSchedule",
         status_code=200,
         summary="Deactivate a schedule entry",
-        responses=ONE_ERRORS,
+        responses=RETIRE_ERRORS,
         guards=[require(*ADMIN_WRITERS)],
     )
     async def deactivate(self, pool: DbPool, principal: Caller, schedule_id: PathId) -> Schedule:

@@ -435,6 +435,72 @@ async def retire_resource(conn: Conn, resource_id: int, now: datetime) -> None:
         raise await _in_use(conn, resource_id, from_unit, 0, used=worst)
 
 
+# Live commitments of a resource that have not ended by $2: what a schedule change
+# must leave on shift.
+LIVE_AHEAD = """
+SELECT 'booking' AS kind, id, lower(occupied) AS f, upper(occupied) AS t
+FROM bookings
+WHERE resource_id = $1 AND status IN ('pending_payment', 'confirmed') AND upper(occupied) > $2
+UNION ALL
+SELECT 'hold', id, lower(occupied), upper(occupied)
+FROM holds
+WHERE resource_id = $1 AND released_at IS NULL AND expires_at > $2 AND upper(occupied) > $2
+"""
+
+
+async def _on_shift(
+    conn: Conn, resource_id: int, timezone: str, lo: datetime, hi: datetime
+) -> list[tuple[datetime, datetime]]:
+    """The resource's on-shift time around [lo, hi), from its stored schedules."""
+    shifts: list[tuple[int, int, int]] = []
+    exceptions: list[tuple[datetime, datetime, bool]] = []
+    for s in await conn.fetch(SCHEDULES, [resource_id], lo, hi):
+        if s["kind"] == "shift":
+            shifts.append((s["weekday"], s["start_minute"], s["end_minute"]))
+        else:
+            exceptions.append((s["starts_at"], s["ends_at"], s["available"]))
+    schedule = ResourceSchedule(resource_id, "", 0, tuple(shifts), tuple(exceptions))
+    return on_shift(timezone, schedule, lo, hi)
+
+
+def _covered(intervals: list[tuple[datetime, datetime]], lo: datetime, hi: datetime) -> bool:
+    return any(a <= lo and hi <= b for a, b in intervals)
+
+
+async def commitments_on_shift(conn: Conn, resource_id: int, now: datetime) -> set[tuple[str, int]]:
+    """The live commitments of a resource whose span (what is left of it after `now`)
+    lies inside one stretch of its on-shift time, as ('booking' | 'hold', id)."""
+    rows = await conn.fetch(LIVE_AHEAD, resource_id, now)
+    if not rows:
+        return set()
+    timezone = await conn.fetchval(
+        "SELECT b.timezone FROM resources r JOIN branches b ON b.id = r.branch_id WHERE r.id = $1",
+        resource_id,
+    )
+    lo = max(now, min(r["f"] for r in rows))
+    hi = max(r["t"] for r in rows)
+    intervals = await _on_shift(conn, resource_id, timezone, lo, hi)
+    return {(r["kind"], r["id"]) for r in rows if _covered(intervals, max(r["f"], now), r["t"])}
+
+
+def shift_conflicts(
+    resource_id: int, before: set[tuple[str, int]], after: set[tuple[str, int]]
+) -> CapacityInUse | None:
+    """`CapacityInUse` naming the commitments a schedule change took off shift, if any."""
+    lost = before - after
+    if not lost:
+        return None
+    bookings = sorted(i for kind, i in lost if kind == "booking")
+    return CapacityInUse(
+        extra={
+            "resource_id": resource_id,
+            "bookings": len(bookings),
+            "holds": len(lost) - len(bookings),
+            "booking_ids": bookings[:CONFLICTS_LISTED],
+        }
+    )
+
+
 # --- holds and bookings --------------------------------------------------------
 
 
@@ -517,7 +583,13 @@ async def _counter_pool(
 
 
 async def _slot_context(
-    conn: Conn, service_id: int, resource_id: int, starts_at: datetime, party_size: int
+    conn: Conn,
+    service_id: int,
+    resource_id: int,
+    starts_at: datetime,
+    party_size: int,
+    *,
+    check_shift: bool = False,
 ) -> _Slot:
     """The span a service booked at `starts_at` occupies; the resource row share-locked."""
     if starts_at.tzinfo is None:
@@ -532,6 +604,12 @@ async def _slot_context(
     ends_at = starts_at + timedelta(minutes=row["duration_min"])
     occupied_from = starts_at - timedelta(minutes=row["buffer_before_min"])
     occupied_to = ends_at + timedelta(minutes=row["buffer_after_min"])
+    if check_shift:
+        # Read again under the share lock: a schedule change (which writes the row)
+        # that committed since the caller computed its slots is seen here.
+        intervals = await _on_shift(conn, resource_id, row["timezone"], occupied_from, occupied_to)
+        if not _covered(intervals, occupied_from, occupied_to):
+            raise SlotFull(extra={"resource_id": resource_id, "reason": "off_shift"})
     reserve = None
     if row["kind"] == "counter" and row["walk_in_reserve"] > 0:
         reserve = await _counter_pool(
@@ -579,9 +657,13 @@ async def create_hold(
     now: datetime,
     ttl: timedelta = HOLD_TTL,
     customer_id: int | None = None,
+    check_shift: bool = False,
 ) -> Hold:
-    """Take the seats until `now + ttl`; `SlotFull` when they are not free."""
-    slot = await _slot_context(conn, service_id, resource_id, starts_at, party_size)
+    """Take the seats until `now + ttl`; `SlotFull` when they are not free (or, with
+    `check_shift`, when the resource is not on shift over the span any more)."""
+    slot = await _slot_context(
+        conn, service_id, resource_id, starts_at, party_size, check_shift=check_shift
+    )
     await take_capacity(
         conn,
         resource_id,
@@ -676,9 +758,13 @@ async def create_booking(
     customer_id: int | None = None,
     phone: str | None = None,
     status: BookingStatus = "confirmed",
+    check_shift: bool = False,
 ) -> Booking:
-    """Book from scratch: take the seats and write the booking, or raise `SlotFull`."""
-    slot = await _slot_context(conn, service_id, resource_id, starts_at, party_size)
+    """Book from scratch: take the seats and write the booking, or raise `SlotFull`
+    (`check_shift`: as in `create_hold`)."""
+    slot = await _slot_context(
+        conn, service_id, resource_id, starts_at, party_size, check_shift=check_shift
+    )
     await take_capacity(
         conn,
         resource_id,
@@ -863,8 +949,10 @@ async def reschedule_booking(
     new_starts_at: datetime,
     now: datetime,
     new_resource_id: int | None = None,
+    check_shift: bool = False,
 ) -> Booking:
-    """Move an active booking in one step; on `SlotFull` the booking and ledger are unchanged.
+    """Move an active booking in one step; on `SlotFull` the booking and ledger are unchanged
+    (`check_shift`: as in `create_hold`).
 
     The new seats are taken and the old ones given back by one net change, so a move
     that overlaps the old span (10:00 -> 10:15) never competes with itself.
@@ -884,7 +972,12 @@ async def reschedule_booking(
         raise BookingNotActive()
     resource_id = new_resource_id if new_resource_id is not None else old["resource_id"]
     slot = await _slot_context(
-        conn, old["service_id"], resource_id, new_starts_at, old["party_size"]
+        conn,
+        old["service_id"],
+        resource_id,
+        new_starts_at,
+        old["party_size"],
+        check_shift=check_shift,
     )
     await _apply(
         conn,
