@@ -166,8 +166,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "当前没有该窗口可办理的等候号码。",
     ),
     "capacity_in_use": (
-        "Capacity cannot be reduced below seats already taken.",
-        "容量不能低于已被占用的座位数。",
+        "Bookings or holds already taken would no longer fit; move or cancel them first.",
+        "已有的预约或保留名额将无法容纳，请先改期或取消它们。",
     ),
 }
 
@@ -285,7 +285,8 @@ class BookingNotActive(Conflict):
 
 
 class CapacityInUse(Conflict):
-    """A capacity reduction would leave some future unit with more seats used than exist."""
+    """A capacity change (a lower capacity, a deactivation, less time on shift) would
+    leave some current or future unit with more seats used than exist."""
 
     code = "capacity_in_use"
 

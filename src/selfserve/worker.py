@@ -19,6 +19,7 @@ from selfserve.messaging.service import (
 from selfserve.messaging.transport import build_transport
 from selfserve.queueing.service import close_stale_tickets
 from selfserve.scheduling.service import (
+    purge_capacity_ledger,
     purge_idempotency_keys,
     sweep_holds,
     sweep_no_shows,
@@ -95,6 +96,7 @@ class WorkerSettings:
         func(sweep_waitlist, max_tries=1, timeout=120),
         func(close_stale_tickets, max_tries=1, timeout=120),
         purge_idempotency_keys,
+        func(purge_capacity_ledger, max_tries=1, timeout=300),
     ]
     cron_jobs = [
         cron(purge_refresh_tokens, hour=3, minute=17, run_at_startup=False),
@@ -108,6 +110,10 @@ class WorkerSettings:
         # Every minute: close passed windows, offer free seats to waiting entries.
         cron(sweep_waitlist, second=15, run_at_startup=True, timeout=120),
         cron(purge_idempotency_keys, minute=23, run_at_startup=False),
+        # Every 10 minutes: capacity-ledger units that ended days ago go, in small batches.
+        cron(
+            purge_capacity_ledger, minute=set(range(7, 60, 10)), run_at_startup=False, timeout=300
+        ),
         # Every 10 minutes: tickets left open from an earlier local day are closed.
         cron(close_stale_tickets, minute=set(range(2, 60, 10)), run_at_startup=True),
     ]

@@ -200,6 +200,15 @@ async def seed(pool: asyncpg.Pool) -> Catalogue:
                 r.capacity,
             )
             resource_ids[r.name] = rid
+            # The shift the engine is given, stored too: the ledger reads it to hold
+            # the walk-in reserve.
+            await conn.execute(
+                "INSERT INTO schedules (resource_id, kind, weekday, start_minute, end_minute) "
+                "VALUES ($1, 'shift', $2, $3, $4)",
+                rid,
+                WEEKDAY,
+                *r.shift,
+            )
             for skill in r.skills:
                 await conn.execute(
                     "INSERT INTO resource_skills (resource_id, service_id) VALUES ($1, $2)",
@@ -259,18 +268,40 @@ class Model:
     def capacity(self, resource_id: int) -> int:
         return next(r.capacity for r in RESOURCES if self.cat.rid(r) == resource_id)
 
-    def fits(self, deltas: dict[tuple[int, int], int]) -> bool:
-        """What the ledger must answer: every growing unit stays within capacity."""
+    def fits(self, deltas: dict[tuple[int, int], int], service: str, taker: int) -> bool:
+        """What the ledger must answer: every growing unit stays within capacity, and
+        when a counter takes seats, the counters offering the service hold at most
+        floor(C * (1 - reserve)) seats at once over every unit where one of them grows
+        (C: the capacity of those on shift over the unit)."""
         used = self.usage()
-        return all(used[k] + d <= self.capacity(k[0]) for k, d in deltas.items() if d > 0)
+        if not all(used[k] + d <= self.capacity(k[0]) for k, d in deltas.items() if d > 0):
+            return False
+        if next(r for r in RESOURCES if self.cat.rid(r) == taker).kind != "counter":
+            return True
+        counters = [self.cat.rid(r) for r in self.cat.skilled(service) if r.kind == "counter"]
+        share = 1 - Fraction(RESERVE)
+        for u in sorted({u for (rid, u), d in deltas.items() if d > 0 and rid in counters}):
+            net = sum(deltas.get((rid, u), 0) for rid in counters)
+            if net <= 0:
+                continue
+            on = sum(
+                r.capacity
+                for r in self.cat.skilled(service)
+                if r.kind == "counter"
+                and unit(local(r.shift[0])) <= u
+                and u + 1 <= unit(local(r.shift[1]))
+            )
+            if sum(used[rid, u] for rid in counters) + net > math.floor(on * share):
+                return False
+        return True
 
     @staticmethod
     def span(service: ServiceSpec, start: datetime) -> tuple[datetime, datetime]:
         end = start + timedelta(minutes=service.duration)
         return start - timedelta(minutes=service.before), end + timedelta(minutes=service.after)
 
-    def take(self, resource_id: int, lo: datetime, hi: datetime, party: int) -> bool:
-        return self.fits({(resource_id, u): party for u in units(lo, hi)})
+    def take(self, service: str, resource_id: int, lo: datetime, hi: datetime, party: int) -> bool:
+        return self.fits({(resource_id, u): party for u in units(lo, hi)}, service, resource_id)
 
     def offer(
         self,
@@ -464,7 +495,7 @@ class SchedulingMachine(RuleBasedStateMachine):
             self.seen(f"{kind}: engine offers no seat")
             return None
         lo, hi = Model.span(service, start)
-        expect = self.model.take(rid, lo, hi, party)
+        expect = self.model.take(service.name, rid, lo, hi, party)
         if not expect:  # the engine never offers what the ledger would refuse
             assert self.model.pick(service, start, party) != rid
         sid = self.cat.service_ids[service.name]
@@ -583,7 +614,7 @@ class SchedulingMachine(RuleBasedStateMachine):
         self.seen(f"reschedule: {'granted' if refused is None else type(refused).__name__}")
         if not old.live:
             assert isinstance(refused, BookingNotActive)
-        elif not self.model.fits(deltas):
+        elif not self.model.fits(deltas, service.name, rid):
             assert isinstance(refused, SlotFull), "moved into a full slot"
         else:
             assert refused is None, f"move refused but the model has room: {refused!r}"

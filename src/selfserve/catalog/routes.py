@@ -56,6 +56,8 @@ READ_ERRORS = problems(401, 403, 422)
 ONE_ERRORS = problems(401, 403, 404)
 CREATE_ERRORS = problems(400, 401, 403, 413, 422)
 WRITE_ERRORS = problems(400, 401, 403, 404, 413, 422)
+RESIZE_ERRORS = problems(400, 401, 403, 404, 409, 413, 422)
+RETIRE_ERRORS = problems(401, 403, 404, 409)
 SECURITY: list[dict[str, list[str]]] = [{"BearerToken": []}]
 
 
@@ -305,7 +307,12 @@ class AdminResourceController(Controller):
         "/{resource_id:int}",
         operation_id="updateResource",
         summary="Update a resource",
-        responses=WRITE_ERRORS,
+        description=(
+            "A new `capacity` applies through the capacity ledger from the current "
+            "5-minute unit on; 409 `capacity_in_use` (naming the bookings) when seats "
+            "already taken would not fit."
+        ),
+        responses=RESIZE_ERRORS,
         guards=[require(*ADMIN_WRITERS)],
     )
     async def update(
@@ -322,7 +329,11 @@ class AdminResourceController(Controller):
         operation_id="deactivateResource",
         status_code=200,
         summary="Deactivate a resource",
-        responses=ONE_ERRORS,
+        description=(
+            "409 `capacity_in_use` (naming the bookings) while bookings or holds still "
+            "have seats on it from now on."
+        ),
+        responses=RETIRE_ERRORS,
         guards=[require(*ADMIN_WRITERS)],
     )
     async def deactivate(self, pool: DbPool, principal: Caller, resource_id: PathId) -> Resource:
@@ -341,8 +352,10 @@ class AdminScheduleController(Controller):
         summary="Add a weekly shift or a dated exception to a resource",
         description="`kind: shift` takes weekday + start/end in branch wall time; "
         "`kind: exception` takes an instant range (`available: false` = off). "
-        "Overlapping shifts of one resource are refused with 422 `overlapping_shift`.",
-        responses=CREATE_ERRORS,
+        "Overlapping shifts of one resource are refused with 422 `overlapping_shift`; "
+        "time off that would leave a booking or hold off shift with 409 `capacity_in_use` "
+        "(also when updating or deactivating an entry).",
+        responses={**CREATE_ERRORS, **problems(409)},
         guards=[require(*ADMIN_WRITERS)],
     )
     async def create(
@@ -390,7 +403,7 @@ class AdminScheduleController(Controller):
         "/{schedule_id:int}",
         operation_id="updateSchedule",
         summary="Update a schedule entry",
-        responses=WRITE_ERRORS,
+        responses=RESIZE_ERRORS,
         guards=[require(*ADMIN_WRITERS)],
     )
     async def update(
@@ -407,7 +420,7 @@ class AdminScheduleController(Controller):
         operation_id="deactivateSchedule",
         status_code=200,
         summary="Deactivate a schedule entry",
-        responses=ONE_ERRORS,
+        responses=RETIRE_ERRORS,
         guards=[require(*ADMIN_WRITERS)],
     )
     async def deactivate(self, pool: DbPool, principal: Caller, schedule_id: PathId) -> Schedule:

@@ -6,7 +6,7 @@ import itertools
 import re
 import secrets
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -48,6 +48,7 @@ from selfserve.catalog.models import (
 )
 from selfserve.db import Conn, constraint_of, to_struct, transaction
 from selfserve.errors import Conflict, FieldError, Forbidden, InvalidInput, NotFound
+from selfserve.scheduling import ledger
 
 Page = tuple[list[Any], str | None]
 
@@ -435,8 +436,13 @@ async def update_resource(
 ) -> Resource:
     changes = _changes(data)
     skills = changes.pop("skills", None)
+    capacity = changes.pop("capacity", None)
     async with transaction(pool) as conn:
         branch_id = await _lock_for_write(conn, principal, "resources", resource_id)
+        if capacity is not None:
+            # Through the ledger, in this transaction: its future units get the new
+            # capacity, or 409 `capacity_in_use` when taken seats would not fit.
+            await ledger.resize_capacity(conn, resource_id, capacity, datetime.now(UTC))
         await q.update_columns(conn, "resources", resource_id, changes)
         if skills is not None:
             await _check_skills(conn, branch_id, skills)
@@ -456,6 +462,8 @@ async def deactivate_resource(
 ) -> Resource:
     async with transaction(pool) as conn:
         await _lock_for_write(conn, principal, "resources", resource_id)
+        # 409 `capacity_in_use` while bookings or holds still have seats on it.
+        await ledger.retire_resource(conn, resource_id, datetime.now(UTC))
         await conn.execute(
             "UPDATE resources SET active = false, updated_at = now() WHERE id = $1", resource_id
         )
@@ -610,8 +618,10 @@ def _overlap(exc: asyncpg.ExclusionViolationError) -> InvalidInput:
 
 
 async def _resource_for_write(conn: Conn, principal: Principal, resource_id: int) -> int:
+    # FOR UPDATE: a schedule change waits for the takes under way on the resource (they
+    # read the row FOR SHARE) and is checked against them (`_shift_check`).
     row = await conn.fetchrow(
-        "SELECT branch_id, active FROM resources WHERE id = $1 FOR SHARE", resource_id
+        "SELECT branch_id, active FROM resources WHERE id = $1 FOR UPDATE", resource_id
     )
     if row is None or not principal.in_scope(row["branch_id"]):
         raise InvalidInput.field("resource_id", "no such resource")
@@ -623,6 +633,39 @@ async def _resource_for_write(conn: Conn, principal: Principal, resource_id: int
         )
     branch_id: int = row["branch_id"]
     return branch_id
+
+
+async def _on_shift_before(conn: Conn, resource_id: int) -> tuple[datetime, set[tuple[str, int]]]:
+    """The live commitments of the resource on shift before a schedule change; the
+    caller holds the resource row FOR UPDATE, so no take is under way on it."""
+    now = datetime.now(UTC)
+    return now, await ledger.commitments_on_shift(conn, resource_id, now)
+
+
+async def _shift_check(
+    conn: Conn, resource_id: int, before: tuple[datetime, set[tuple[str, int]]]
+) -> None:
+    """409 `capacity_in_use` when the change took a booking or hold off shift."""
+    now, on_shift = before
+    after = await ledger.commitments_on_shift(conn, resource_id, now)
+    problem = ledger.shift_conflicts(resource_id, on_shift, after)
+    if problem is not None:
+        raise problem
+
+
+async def _lock_schedule(conn: Conn, schedule_id: int) -> asyncpg.Record:
+    """The schedule row FOR UPDATE, its resource row locked FOR UPDATE first (the order
+    `create_schedule` takes them in)."""
+    resource_id = await conn.fetchval(
+        "SELECT resource_id FROM schedules WHERE id = $1", schedule_id
+    )
+    if resource_id is None:
+        raise NotFound()
+    await conn.execute("SELECT 1 FROM resources WHERE id = $1 FOR UPDATE", resource_id)
+    row = await conn.fetchrow(q.SCHEDULE_SELECT + " WHERE s.id = $1 FOR UPDATE OF s", schedule_id)
+    if row is None:
+        raise NotFound()
+    return row
 
 
 async def create_schedule(
@@ -659,7 +702,9 @@ async def create_schedule(
     try:
         async with transaction(pool) as conn:
             await _resource_for_write(conn, principal, data.resource_id)
+            before = await _on_shift_before(conn, data.resource_id)
             sid = await conn.fetchval(q.INSERT_SCHEDULE, *args)
+            await _shift_check(conn, data.resource_id, before)
             row = await conn.fetchrow(q.SCHEDULE_SELECT + " WHERE s.id = $1", sid)
     except asyncpg.ExclusionViolationError as exc:
         raise _overlap(exc) from None
@@ -712,13 +757,10 @@ async def update_schedule(
     changes = _changes(data)
     try:
         async with transaction(pool) as conn:
-            row = await conn.fetchrow(
-                q.SCHEDULE_SELECT + " WHERE s.id = $1 FOR UPDATE OF s", schedule_id
-            )
-            if row is None:
-                raise NotFound()
+            row = await _lock_schedule(conn, schedule_id)
             ensure_visible(principal, row["branch_id"])
             ensure_can_write(principal, row["branch_id"])
+            before = await _on_shift_before(conn, row["resource_id"])
             wrong = (_EXCEPTION_FIELDS if row["kind"] == "shift" else _SHIFT_FIELDS) & set(changes)
             if wrong:
                 raise InvalidInput(
@@ -750,28 +792,27 @@ async def update_schedule(
             if "note" in changes:
                 columns["note"] = changes["note"]
             await q.update_columns(conn, "schedules", schedule_id, columns)
-            row = await conn.fetchrow(q.SCHEDULE_SELECT + " WHERE s.id = $1", schedule_id)
+            await _shift_check(conn, row["resource_id"], before)
+            updated = await conn.fetchrow(q.SCHEDULE_SELECT + " WHERE s.id = $1", schedule_id)
     except asyncpg.ExclusionViolationError as exc:
         raise _overlap(exc) from None
-    return _schedule(row)
+    return _schedule(updated)
 
 
 async def deactivate_schedule(
     pool: asyncpg.Pool, principal: Principal, schedule_id: int
 ) -> Schedule:
     async with transaction(pool) as conn:
-        row = await conn.fetchrow(
-            q.SCHEDULE_SELECT + " WHERE s.id = $1 FOR UPDATE OF s", schedule_id
-        )
-        if row is None:
-            raise NotFound()
+        row = await _lock_schedule(conn, schedule_id)
         ensure_visible(principal, row["branch_id"])
         ensure_can_write(principal, row["branch_id"])
+        before = await _on_shift_before(conn, row["resource_id"])
         await conn.execute(
             "UPDATE schedules SET active = false, updated_at = now() WHERE id = $1", schedule_id
         )
-        row = await conn.fetchrow(q.SCHEDULE_SELECT + " WHERE s.id = $1", schedule_id)
-    return _schedule(row)
+        await _shift_check(conn, row["resource_id"], before)
+        updated = await conn.fetchrow(q.SCHEDULE_SELECT + " WHERE s.id = $1", schedule_id)
+    return _schedule(updated)
 
 
 # --- devices -----------------------------------------------------------------

@@ -794,3 +794,29 @@ def open_until(calendar: BranchCalendar, now: datetime) -> datetime | None:
         if lo <= now < hi:
             return hi
     return None
+
+
+def on_shift(
+    timezone: str, resource: ResourceSchedule, lo: datetime, hi: datetime
+) -> list[Interval]:
+    """The on-shift time of `resource` around [lo, hi), as `available_slots` reads it:
+    (weekly shifts - `available=false` exceptions) ∪ `available=true` exceptions,
+    sorted, disjoint and non-adjacent (the ledger checks the walk-in reserve with it)."""
+    tz = ZoneInfo(timezone)
+    weekly = _weekly(resource.shifts, _days(_aware(lo, "lo"), _aware(hi, "hi"), tz), tz)
+    off = _union(
+        (_aware(s, "starts_at"), _aware(e, "ends_at"))
+        for s, e, avail in resource.exceptions
+        if not avail
+    )
+    extra = [
+        (_aware(s, "starts_at"), _aware(e, "ends_at"))
+        for s, e, avail in resource.exceptions
+        if avail
+    ]
+    return _union([*_subtract(weekly, off), *extra])
+
+
+def reserve_share(reserve: float) -> Fraction:
+    """1 - walk_in_reserve, read exactly as a decimal fraction (0.2 means 1/5)."""
+    return 1 - Fraction(repr(reserve))

@@ -41,7 +41,7 @@ from typing import Literal, NamedTuple
 
 import msgspec
 
-from selfserve.db import Conn, Record
+from selfserve.db import Conn, Pool, Record, in_transaction_with_retry
 from selfserve.errors import (
     BookingNotActive,
     CapacityInUse,
@@ -50,6 +50,8 @@ from selfserve.errors import (
     NotFound,
     SlotFull,
 )
+from selfserve.scheduling.availability import ResourceSchedule, on_shift, reserve_share
+from selfserve.scheduling.queries import SCHEDULES
 
 UNIT = timedelta(minutes=5)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -103,7 +105,8 @@ class Violation(msgspec.Struct, frozen=True, kw_only=True):
     unit_start: datetime
     seats: int  # recomputed from live holds and counting bookings
     used: int | None  # what the ledger says (None: no ledger row)
-    capacity: int | None
+    capacity: int | None  # the ledger row's
+    resource_capacity: int  # the resource's own
 
 
 class Change(NamedTuple):
@@ -174,13 +177,59 @@ RETURNING u.resource_id, u.unit_start
 """
 
 
+# The same, when the walk-in reserve applies: also none of the units $4 may then hold
+# more counter seats at once (summed over the counters $7 of the pool, all locked)
+# than its limit $6, once their net change $5 is made.
+APPLY_DELTAS_RESERVED = """
+WITH d AS (
+    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::integer[])
+        AS d(resource_id, unit_start, delta)
+), fit AS (
+    SELECT count(*) AS n
+    FROM resource_capacity_units u
+    JOIN d ON u.resource_id = d.resource_id AND u.unit_start = d.unit_start
+    WHERE d.delta <= 0 OR u.used + d.delta <= u.capacity
+), p AS (
+    SELECT * FROM unnest($4::timestamptz[], $5::integer[], $6::integer[])
+        AS p(unit_start, delta, seats_max)
+), over AS (
+    SELECT count(*) AS n
+    FROM p
+    WHERE p.seats_max < p.delta + (
+        SELECT coalesce(sum(u.used), 0) FROM resource_capacity_units u
+        WHERE u.resource_id = ANY($7::bigint[]) AND u.unit_start = p.unit_start)
+)
+UPDATE resource_capacity_units u
+SET used = u.used + d.delta
+FROM d, fit, over
+WHERE fit.n = cardinality($1::bigint[]) AND over.n = 0
+  AND u.resource_id = d.resource_id AND u.unit_start = d.unit_start
+  AND (d.delta <= 0 OR u.used + d.delta <= u.capacity)
+RETURNING u.resource_id, u.unit_start
+"""
+
+
+class CounterPool(NamedTuple):
+    """The walk-in reserve where a counter takes seats: the counters of the branch that
+    offer the service (`capacity` read `FOR SHARE`), and per unit of the span the most
+    counter seats they may hold at once, floor(C * (1 - reserve)), C the summed
+    capacity of those on shift over that unit."""
+
+    capacity: dict[int, int]
+    seats_max: dict[datetime, int]
+
+
 def _require_transaction(conn: Conn) -> None:
     if not conn.is_in_transaction():
         raise RuntimeError("capacity changes must run inside the caller's transaction")
 
 
-async def _apply(conn: Conn, changes: Iterable[Change]) -> None:
-    """Apply all `changes` at once (net per unit), or raise `SlotFull` changing nothing."""
+async def _apply(conn: Conn, changes: Iterable[Change], reserve: CounterPool | None = None) -> None:
+    """Apply all `changes` at once (net per unit), or raise `SlotFull` changing nothing.
+
+    With `reserve`, the unit rows of every counter of the pool over the units where a
+    counter grows are created and locked too (in the same sorted order), so the
+    summed counter seats the guarded statement checks cannot change under it."""
     _require_transaction(conn)
     deltas: dict[tuple[int, datetime], int] = {}
     capacity: dict[int, int] = {}
@@ -196,18 +245,41 @@ async def _apply(conn: Conn, changes: Iterable[Change]) -> None:
     rids = [k[0] for k in keys]
     units = [k[1] for k in keys]
     await conn.execute(SET_LOCK_TIMEOUT)
-    growing = [k for k in keys if deltas[k] > 0]
-    if growing:
+    create = {k: capacity[k[0]] for k in keys if deltas[k] > 0}
+    lock = set(keys)
+    checks: list[tuple[datetime, int, int]] = []
+    if reserve is not None:
+        members = reserve.capacity
+        pooled = sorted({u for (r, u) in create if r in members})
+        for unit in pooled:
+            net = sum(deltas.get((m, unit), 0) for m in members)
+            if net > 0:
+                checks.append((unit, net, reserve.seats_max[unit]))
+            for m, cap in members.items():
+                create.setdefault((m, unit), cap)
+                lock.add((m, unit))
+    if create:
+        made = sorted(create)
         await conn.execute(
-            CREATE_UNITS,
-            [k[0] for k in growing],
-            [k[1] for k in growing],
-            [capacity[k[0]] for k in growing],
+            CREATE_UNITS, [k[0] for k in made], [k[1] for k in made], [create[k] for k in made]
         )
-    locked = await conn.fetch(LOCK_UNITS, rids, units)
-    if len(locked) != len(keys):
+    locking = sorted(lock)
+    locked = await conn.fetch(LOCK_UNITS, [k[0] for k in locking], [k[1] for k in locking])
+    if len(locked) != len(locking):
         raise LedgerError("seats given back from units the ledger never recorded")
-    applied = await conn.fetch(APPLY_DELTAS, rids, units, [deltas[k] for k in keys])
+    if checks and reserve is not None:
+        applied = await conn.fetch(
+            APPLY_DELTAS_RESERVED,
+            rids,
+            units,
+            [deltas[k] for k in keys],
+            [c[0] for c in checks],
+            [c[1] for c in checks],
+            [c[2] for c in checks],
+            sorted(reserve.capacity),
+        )
+    else:
+        applied = await conn.fetch(APPLY_DELTAS, rids, units, [deltas[k] for k in keys])
     if not applied:
         full = [k for k in keys if deltas[k] > 0]
         raise SlotFull(extra={"resource_id": full[0][0], "unit_start": full[0][1].isoformat()})
@@ -222,6 +294,7 @@ async def take_capacity(
     occupied_from: datetime,
     occupied_to: datetime,
     seats: int,
+    reserve: CounterPool | None = None,
 ) -> None:
     """Take `seats` on every unit of the span or raise `SlotFull` (ledger unchanged).
 
@@ -231,7 +304,7 @@ async def take_capacity(
     """
     if seats < 1:
         raise ValueError("seats must be positive")
-    await _apply(conn, [Change(resource_id, capacity, occupied_from, occupied_to, seats)])
+    await _apply(conn, [Change(resource_id, capacity, occupied_from, occupied_to, seats)], reserve)
 
 
 async def release_capacity(
@@ -247,11 +320,68 @@ async def release_capacity(
     await _apply(conn, [Change(resource_id, 0, occupied_from, occupied_to, -seats)])
 
 
+# Live commitments of a resource over its units where `used` exceeds a capacity
+# ($3) from a unit ($2) on: what a capacity change would no longer fit. A unit and a
+# commitment meet exactly when the span overlaps the unit (spans round outward).
+CONFLICTS = """
+WITH over AS (
+    SELECT tstzrange(unit_start, unit_start + interval '5 minutes') AS unit
+    FROM resource_capacity_units
+    WHERE resource_id = $1 AND unit_start >= $2 AND used > $3
+)
+SELECT
+    ARRAY(SELECT b.id FROM bookings b
+          WHERE b.resource_id = $1
+            AND b.status IN ('pending_payment', 'confirmed', 'completed')
+            AND EXISTS (SELECT 1 FROM over WHERE over.unit && b.occupied)
+          ORDER BY b.starts_at, b.id LIMIT $4) AS booking_ids,
+    (SELECT count(*) FROM bookings b
+     WHERE b.resource_id = $1
+       AND b.status IN ('pending_payment', 'confirmed', 'completed')
+       AND EXISTS (SELECT 1 FROM over WHERE over.unit && b.occupied)) AS bookings,
+    (SELECT count(*) FROM holds h
+     WHERE h.resource_id = $1 AND h.released_at IS NULL
+       AND EXISTS (SELECT 1 FROM over WHERE over.unit && h.occupied)) AS holds,
+    (SELECT count(*) FROM over) AS units,
+    (SELECT min(lower(unit)) FROM over) AS first_unit
+"""
+CONFLICTS_LISTED = 50  # booking ids named in a refusal, at most
+
+
+def _current_unit(now: datetime) -> datetime:
+    return EPOCH + ((now - EPOCH) // UNIT) * UNIT
+
+
+async def _in_use(
+    conn: Conn, resource_id: int, from_unit: datetime, capacity: int, *, used: int
+) -> CapacityInUse:
+    row = await conn.fetchrow(CONFLICTS, resource_id, from_unit, capacity, CONFLICTS_LISTED)
+    assert row is not None
+    return CapacityInUse(
+        extra={
+            "resource_id": resource_id,
+            "capacity": capacity,
+            "used": used,
+            "units": row["units"],
+            "from": row["first_unit"].isoformat() if row["first_unit"] else None,
+            "bookings": row["bookings"],
+            "holds": row["holds"],
+            "booking_ids": list(row["booking_ids"]),
+        }
+    )
+
+
 async def resize_capacity(conn: Conn, resource_id: int, new_capacity: int, now: datetime) -> None:
     """Change a resource's capacity and that of its unit rows from the current unit on.
 
     Units that ended before `now` keep the capacity they had (history). Refuses with
-    `CapacityInUse` when some current or future unit already uses more seats.
+    `CapacityInUse` (naming and counting the commitments that would not fit) when
+    some current or future unit already uses more seats.
+
+    Race-free with concurrent takes: the resource row is updated (locked) first, and
+    every take reads the resource `FOR SHARE` before it creates or locks units, so a
+    take either committed before (its seats are seen here) or waits and then copies
+    the new capacity.
     """
     _require_transaction(conn)
     if new_capacity < 1:
@@ -264,7 +394,7 @@ async def resize_capacity(conn: Conn, resource_id: int, new_capacity: int, now: 
     )
     if found is None:
         raise NotFound()
-    from_unit = EPOCH + ((now - EPOCH) // UNIT) * UNIT
+    from_unit = _current_unit(now)
     await conn.execute(
         "SELECT 1 FROM resource_capacity_units WHERE resource_id = $1 AND unit_start >= $2 "
         "ORDER BY unit_start FOR UPDATE",
@@ -277,13 +407,97 @@ async def resize_capacity(conn: Conn, resource_id: int, new_capacity: int, now: 
         from_unit,
     )
     if worst is not None and worst > new_capacity:
-        raise CapacityInUse(extra={"resource_id": resource_id, "used": worst})
+        raise await _in_use(conn, resource_id, from_unit, new_capacity, used=worst)
     await conn.execute(
         "UPDATE resource_capacity_units SET capacity = $3 "
         "WHERE resource_id = $1 AND unit_start >= $2 AND capacity <> $3",
         resource_id,
         from_unit,
         new_capacity,
+    )
+
+
+async def retire_resource(conn: Conn, resource_id: int, now: datetime) -> None:
+    """Check that a resource about to be deactivated has no seats taken from the current
+    unit on; `CapacityInUse` (naming the commitments) otherwise.
+
+    The caller holds the resource row `FOR UPDATE`: takes read it `FOR SHARE` first, so
+    none is under way, and once the row says inactive none can start."""
+    _require_transaction(conn)
+    from_unit = _current_unit(now)
+    worst = await conn.fetchval(
+        "SELECT max(used) FROM resource_capacity_units "
+        "WHERE resource_id = $1 AND unit_start >= $2 AND used > 0",
+        resource_id,
+        from_unit,
+    )
+    if worst is not None:
+        raise await _in_use(conn, resource_id, from_unit, 0, used=worst)
+
+
+# Live commitments of a resource that have not ended by $2: what a schedule change
+# must leave on shift.
+LIVE_AHEAD = """
+SELECT 'booking' AS kind, id, lower(occupied) AS f, upper(occupied) AS t
+FROM bookings
+WHERE resource_id = $1 AND status IN ('pending_payment', 'confirmed') AND upper(occupied) > $2
+UNION ALL
+SELECT 'hold', id, lower(occupied), upper(occupied)
+FROM holds
+WHERE resource_id = $1 AND released_at IS NULL AND expires_at > $2 AND upper(occupied) > $2
+"""
+
+
+async def _on_shift(
+    conn: Conn, resource_id: int, timezone: str, lo: datetime, hi: datetime
+) -> list[tuple[datetime, datetime]]:
+    """The resource's on-shift time around [lo, hi), from its stored schedules."""
+    shifts: list[tuple[int, int, int]] = []
+    exceptions: list[tuple[datetime, datetime, bool]] = []
+    for s in await conn.fetch(SCHEDULES, [resource_id], lo, hi):
+        if s["kind"] == "shift":
+            shifts.append((s["weekday"], s["start_minute"], s["end_minute"]))
+        else:
+            exceptions.append((s["starts_at"], s["ends_at"], s["available"]))
+    schedule = ResourceSchedule(resource_id, "", 0, tuple(shifts), tuple(exceptions))
+    return on_shift(timezone, schedule, lo, hi)
+
+
+def _covered(intervals: list[tuple[datetime, datetime]], lo: datetime, hi: datetime) -> bool:
+    return any(a <= lo and hi <= b for a, b in intervals)
+
+
+async def commitments_on_shift(conn: Conn, resource_id: int, now: datetime) -> set[tuple[str, int]]:
+    """The live commitments of a resource whose span (what is left of it after `now`)
+    lies inside one stretch of its on-shift time, as ('booking' | 'hold', id)."""
+    rows = await conn.fetch(LIVE_AHEAD, resource_id, now)
+    if not rows:
+        return set()
+    timezone = await conn.fetchval(
+        "SELECT b.timezone FROM resources r JOIN branches b ON b.id = r.branch_id WHERE r.id = $1",
+        resource_id,
+    )
+    lo = max(now, min(r["f"] for r in rows))
+    hi = max(r["t"] for r in rows)
+    intervals = await _on_shift(conn, resource_id, timezone, lo, hi)
+    return {(r["kind"], r["id"]) for r in rows if _covered(intervals, max(r["f"], now), r["t"])}
+
+
+def shift_conflicts(
+    resource_id: int, before: set[tuple[str, int]], after: set[tuple[str, int]]
+) -> CapacityInUse | None:
+    """`CapacityInUse` naming the commitments a schedule change took off shift, if any."""
+    lost = before - after
+    if not lost:
+        return None
+    bookings = sorted(i for kind, i in lost if kind == "booking")
+    return CapacityInUse(
+        extra={
+            "resource_id": resource_id,
+            "bookings": len(bookings),
+            "holds": len(lost) - len(bookings),
+            "booking_ids": bookings[:CONFLICTS_LISTED],
+        }
     )
 
 
@@ -299,22 +513,83 @@ class _Slot(NamedTuple):
     ends_at: datetime
     occupied_from: datetime
     occupied_to: datetime
+    reserve: CounterPool | None
 
 
 SLOT_CONTEXT = """
 SELECT s.branch_id, s.duration_min, s.buffer_before_min, s.buffer_after_min,
        s.min_party, s.max_party, s.active AS service_active,
        r.branch_id AS resource_branch_id, r.capacity, r.active AS resource_active,
+       r.kind, b.walk_in_reserve::float8 AS walk_in_reserve, b.timezone,
        EXISTS (SELECT 1 FROM resource_skills k
                WHERE k.resource_id = r.id AND k.service_id = s.id) AS skilled
-FROM services s, resources r
+FROM services s
+JOIN branches b ON b.id = s.branch_id
+CROSS JOIN resources r
 WHERE s.id = $1 AND r.id = $2
 FOR SHARE OF r
 """
 
+# The counters of a branch that offer a service (availability's counter pool),
+# share-locked like the resource a take copies its capacity from.
+POOL_COUNTERS = """
+SELECT r.id, r.capacity
+FROM resources r JOIN resource_skills k ON k.resource_id = r.id
+WHERE k.service_id = $1 AND r.branch_id = $2 AND r.active AND r.kind = 'counter'
+ORDER BY r.id
+FOR SHARE OF r
+"""
+
+
+async def _counter_pool(
+    conn: Conn,
+    service_id: int,
+    branch_id: int,
+    timezone: str,
+    reserve: float,
+    occupied_from: datetime,
+    occupied_to: datetime,
+) -> CounterPool:
+    """The walk-in reserve over a counter's occupied span (see `CounterPool`); the same
+    rule as availability's counter pool, per 5-minute unit: a counter counts towards
+    C over a unit when it is on shift over all of the unit's part of the span."""
+    rows = await conn.fetch(POOL_COUNTERS, service_id, branch_id)
+    capacity = {r["id"]: r["capacity"] for r in rows}
+    shifts: dict[int, list[tuple[int, int, int]]] = {m: [] for m in capacity}
+    exceptions: dict[int, list[tuple[datetime, datetime, bool]]] = {m: [] for m in capacity}
+    for s in await conn.fetch(SCHEDULES, list(capacity), occupied_from, occupied_to):
+        if s["kind"] == "shift":
+            shifts[s["resource_id"]].append((s["weekday"], s["start_minute"], s["end_minute"]))
+        else:
+            exceptions[s["resource_id"]].append((s["starts_at"], s["ends_at"], s["available"]))
+    on = {
+        m: on_shift(
+            timezone,
+            ResourceSchedule(m, "counter", cap, tuple(shifts[m]), tuple(exceptions[m])),
+            occupied_from,
+            occupied_to,
+        )
+        for m, cap in capacity.items()
+    }
+    share = reserve_share(reserve)
+    seats_max: dict[datetime, int] = {}
+    for unit in unit_starts(occupied_from, occupied_to):
+        lo, hi = max(unit, occupied_from), min(unit + UNIT, occupied_to)
+        total = sum(
+            cap for m, cap in capacity.items() if any(a <= lo and hi <= b for a, b in on[m])
+        )
+        seats_max[unit] = total * share.numerator // share.denominator
+    return CounterPool(capacity=capacity, seats_max=seats_max)
+
 
 async def _slot_context(
-    conn: Conn, service_id: int, resource_id: int, starts_at: datetime, party_size: int
+    conn: Conn,
+    service_id: int,
+    resource_id: int,
+    starts_at: datetime,
+    party_size: int,
+    *,
+    check_shift: bool = False,
 ) -> _Slot:
     """The span a service booked at `starts_at` occupies; the resource row share-locked."""
     if starts_at.tzinfo is None:
@@ -327,6 +602,25 @@ async def _slot_context(
     if not row["min_party"] <= party_size <= row["max_party"]:
         raise InvalidInput.field("party_size", "is outside what the service allows")
     ends_at = starts_at + timedelta(minutes=row["duration_min"])
+    occupied_from = starts_at - timedelta(minutes=row["buffer_before_min"])
+    occupied_to = ends_at + timedelta(minutes=row["buffer_after_min"])
+    if check_shift:
+        # Read again under the share lock: a schedule change (which writes the row)
+        # that committed since the caller computed its slots is seen here.
+        intervals = await _on_shift(conn, resource_id, row["timezone"], occupied_from, occupied_to)
+        if not _covered(intervals, occupied_from, occupied_to):
+            raise SlotFull(extra={"resource_id": resource_id, "reason": "off_shift"})
+    reserve = None
+    if row["kind"] == "counter" and row["walk_in_reserve"] > 0:
+        reserve = await _counter_pool(
+            conn,
+            service_id,
+            row["branch_id"],
+            row["timezone"],
+            row["walk_in_reserve"],
+            occupied_from,
+            occupied_to,
+        )
     return _Slot(
         branch_id=row["branch_id"],
         service_id=service_id,
@@ -334,8 +628,9 @@ async def _slot_context(
         capacity=row["capacity"],
         starts_at=starts_at,
         ends_at=ends_at,
-        occupied_from=starts_at - timedelta(minutes=row["buffer_before_min"]),
-        occupied_to=ends_at + timedelta(minutes=row["buffer_after_min"]),
+        occupied_from=occupied_from,
+        occupied_to=occupied_to,
+        reserve=reserve,
     )
 
 
@@ -362,11 +657,21 @@ async def create_hold(
     now: datetime,
     ttl: timedelta = HOLD_TTL,
     customer_id: int | None = None,
+    check_shift: bool = False,
 ) -> Hold:
-    """Take the seats until `now + ttl`; `SlotFull` when they are not free."""
-    slot = await _slot_context(conn, service_id, resource_id, starts_at, party_size)
+    """Take the seats until `now + ttl`; `SlotFull` when they are not free (or, with
+    `check_shift`, when the resource is not on shift over the span any more)."""
+    slot = await _slot_context(
+        conn, service_id, resource_id, starts_at, party_size, check_shift=check_shift
+    )
     await take_capacity(
-        conn, resource_id, slot.capacity, slot.occupied_from, slot.occupied_to, party_size
+        conn,
+        resource_id,
+        slot.capacity,
+        slot.occupied_from,
+        slot.occupied_to,
+        party_size,
+        slot.reserve,
     )
     row = await conn.fetchrow(
         """
@@ -453,11 +758,21 @@ async def create_booking(
     customer_id: int | None = None,
     phone: str | None = None,
     status: BookingStatus = "confirmed",
+    check_shift: bool = False,
 ) -> Booking:
-    """Book from scratch: take the seats and write the booking, or raise `SlotFull`."""
-    slot = await _slot_context(conn, service_id, resource_id, starts_at, party_size)
+    """Book from scratch: take the seats and write the booking, or raise `SlotFull`
+    (`check_shift`: as in `create_hold`)."""
+    slot = await _slot_context(
+        conn, service_id, resource_id, starts_at, party_size, check_shift=check_shift
+    )
     await take_capacity(
-        conn, resource_id, slot.capacity, slot.occupied_from, slot.occupied_to, party_size
+        conn,
+        resource_id,
+        slot.capacity,
+        slot.occupied_from,
+        slot.occupied_to,
+        party_size,
+        slot.reserve,
     )
     return await _insert_booking(
         conn,
@@ -634,8 +949,10 @@ async def reschedule_booking(
     new_starts_at: datetime,
     now: datetime,
     new_resource_id: int | None = None,
+    check_shift: bool = False,
 ) -> Booking:
-    """Move an active booking in one step; on `SlotFull` the booking and ledger are unchanged.
+    """Move an active booking in one step; on `SlotFull` the booking and ledger are unchanged
+    (`check_shift`: as in `create_hold`).
 
     The new seats are taken and the old ones given back by one net change, so a move
     that overlaps the old span (10:00 -> 10:15) never competes with itself.
@@ -655,7 +972,12 @@ async def reschedule_booking(
         raise BookingNotActive()
     resource_id = new_resource_id if new_resource_id is not None else old["resource_id"]
     slot = await _slot_context(
-        conn, old["service_id"], resource_id, new_starts_at, old["party_size"]
+        conn,
+        old["service_id"],
+        resource_id,
+        new_starts_at,
+        old["party_size"],
+        check_shift=check_shift,
     )
     await _apply(
         conn,
@@ -665,6 +987,7 @@ async def reschedule_booking(
             ),
             Change(old["resource_id"], 0, old["f"], old["t"], -old["party_size"]),
         ],
+        slot.reserve,
     )
     row = await conn.fetchrow(
         """
@@ -685,6 +1008,82 @@ async def reschedule_booking(
     return _booking(row)
 
 
+# --- pruning the past ----------------------------------------------------------
+
+# Units are kept this long after they end (for inspection), then purged.
+PURGE_KEEP = timedelta(days=2)
+PURGE_BATCH = 500  # unit rows per transaction
+PURGE_MAX_BATCHES = 200  # per run; the next run goes on
+
+MARK_PURGED = """
+INSERT INTO capacity_ledger_purge (singleton, purged_before) VALUES (true, $1)
+ON CONFLICT (singleton) DO UPDATE
+SET purged_before = greatest(capacity_ledger_purge.purged_before, EXCLUDED.purged_before),
+    updated_at = now()
+"""
+
+# Oldest first; rows another transaction holds (a release under way) are skipped,
+# and so are units a live commitment still covers: it may yet give its seats back
+# there (a no-show, a cancel), which needs the row. Counting bookings that are no
+# longer live (completed) do not keep their units.
+PURGE_BATCH_SQL = """
+WITH doomed AS (
+    SELECT u.resource_id, u.unit_start
+    FROM resource_capacity_units u
+    WHERE u.unit_start < $1
+      AND NOT EXISTS (
+          SELECT 1 FROM holds h
+          WHERE h.resource_id = u.resource_id AND h.released_at IS NULL
+            AND h.occupied && tstzrange(u.unit_start, u.unit_start + interval '5 minutes'))
+      AND NOT EXISTS (
+          SELECT 1 FROM bookings b
+          WHERE b.resource_id = u.resource_id
+            AND b.status IN ('pending_payment', 'confirmed')
+            AND b.occupied && tstzrange(u.unit_start, u.unit_start + interval '5 minutes'))
+    ORDER BY u.unit_start, u.resource_id
+    LIMIT $2
+    FOR UPDATE OF u SKIP LOCKED
+)
+DELETE FROM resource_capacity_units u
+USING doomed d
+WHERE u.resource_id = d.resource_id AND u.unit_start = d.unit_start
+"""
+
+
+async def purge_units(
+    pool: Pool,
+    now: datetime,
+    *,
+    keep: timedelta = PURGE_KEEP,
+    batch: int = PURGE_BATCH,
+    max_batches: int = PURGE_MAX_BATCHES,
+) -> int:
+    """Delete the unit rows that ended more than `keep` before `now`, `batch` rows per
+    transaction; returns how many went.
+
+    First the mark `capacity_ledger_purge.purged_before` moves forward (never back) and
+    commits, so the invariant query stops looking for the units before it before any
+    of them is gone. Safe to run twice or concurrently (rows are claimed with
+    `SKIP LOCKED`; the mark only grows)."""
+    if batch < 1 or max_batches < 1:
+        raise ValueError("batch and max_batches must be positive")
+    before = _current_unit(now - keep)
+    await pool.execute(MARK_PURGED, before)
+
+    async def one_batch(conn: Conn) -> int:
+        await conn.execute(SET_LOCK_TIMEOUT)
+        result: str = await conn.execute(PURGE_BATCH_SQL, before, batch)
+        return int(result.split()[-1])
+
+    total = 0
+    for _ in range(max_batches):
+        done = await in_transaction_with_retry(pool, one_batch)
+        total += done
+        if done < batch:
+            break
+    return total
+
+
 # --- the invariant -------------------------------------------------------------
 
 OVERBOOKED = """
@@ -702,23 +1101,37 @@ WITH commitments AS (
         interval '5 minutes'
     ) AS g(unit_start)
     GROUP BY c.resource_id, g.unit_start
+), pruned AS (
+    SELECT coalesce(max(purged_before), '-infinity') AS before FROM capacity_ledger_purge
 )
 SELECT coalesce(s.resource_id, u.resource_id) AS resource_id,
        coalesce(s.unit_start, u.unit_start) AS unit_start,
-       coalesce(s.seats, 0) AS seats, u.used, u.capacity
+       coalesce(s.seats, 0) AS seats, u.used, u.capacity,
+       r.capacity AS resource_capacity
 FROM seats s
 FULL JOIN resource_capacity_units u
   ON u.resource_id = s.resource_id AND u.unit_start = s.unit_start
-WHERE coalesce(u.used, 0) <> coalesce(s.seats, 0)
-   OR coalesce(s.seats, 0) > coalesce(u.capacity, 0)
+JOIN resources r ON r.id = coalesce(s.resource_id, u.resource_id)
+CROSS JOIN pruned
+WHERE (u.resource_id IS NOT NULL OR s.unit_start >= pruned.before)
+  AND (coalesce(u.used, 0) <> coalesce(s.seats, 0)
+       OR coalesce(s.seats, 0) > coalesce(u.capacity, 0)
+       OR (coalesce(s.unit_start, u.unit_start) + interval '5 minutes'
+               > coalesce($1::timestamptz, now())
+           AND (u.capacity IS DISTINCT FROM r.capacity OR coalesce(s.seats, 0) > r.capacity)))
 ORDER BY 1, 2
 """
 
 
-async def overbooked(conn: Conn) -> list[Violation]:
+async def overbooked(conn: Conn, now: datetime | None = None) -> list[Violation]:
     """Every (resource, unit) over capacity, or whose ledger `used` differs from the rows.
 
-    Empty means: live holds plus counting bookings fit every resource, and the
-    ledger is exactly their sum.
+    Empty means: live holds plus counting bookings fit every resource, the ledger
+    is exactly their sum, and every unit that has not ended by `now` (default: the
+    database's clock) has the resource's real capacity and fits it. Units that ended
+    keep the capacity they had. Units the purge removed (before
+    `capacity_ledger_purge.purged_before`) are not looked for; the rows that remain
+    there are checked like any other.
     """
-    return [msgspec.convert(dict(r), Violation) for r in await conn.fetch(OVERBOOKED)]
+    rows = await conn.fetch(OVERBOOKED, now)
+    return [msgspec.convert(dict(r), Violation) for r in rows]

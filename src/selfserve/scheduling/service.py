@@ -236,6 +236,7 @@ async def create_hold(
                 now=now,
                 ttl=policy.hold_ttl,
                 customer_id=customer_id,
+                check_shift=True,
             )
 
         hold = await first_that_fits(candidates, attempt)
@@ -469,6 +470,7 @@ async def create_booking(
                     customer_id=customer_id,
                     phone=phone,
                     status=status,
+                    check_shift=True,
                 )
 
             booking = await first_that_fits(candidates, attempt)
@@ -583,7 +585,12 @@ async def reschedule_booking(
 
         async def attempt(rid: int) -> ledger.Booking:
             return await ledger.reschedule_booking(
-                conn, booking_id, new_starts_at=start.astimezone(UTC), now=now, new_resource_id=rid
+                conn,
+                booking_id,
+                new_starts_at=start.astimezone(UTC),
+                now=now,
+                new_resource_id=rid,
+                check_shift=True,
             )
 
         await first_that_fits(candidates, attempt)
@@ -807,6 +814,11 @@ async def sweep_waitlist(ctx: dict[str, Any]) -> int:
         await _enqueue(ctx.get("redis"), outbox)
         offered += made
     return offered
+
+
+async def purge_capacity_ledger(ctx: dict[str, Any]) -> int:
+    """Delete capacity-ledger units of the past in small batches (`ledger.purge_units`)."""
+    return await ledger.purge_units(ctx["pool"], utcnow())
 
 
 async def purge_idempotency_keys(ctx: dict[str, Any]) -> int:

@@ -186,6 +186,7 @@ class _Matcher:
                     now=self.now,
                     ttl=ttl,
                     customer_id=entry["customer_id"],
+                    check_shift=True,
                 )
 
             try:
