@@ -1,4 +1,5 @@
-"""SMS templates per locale (channels/sms/<locale>.toml), rendered once at enqueue time.
+"""SMS templates per locale (channels/sms/<locale>.toml), rendered at enqueue time
+(and again, while still pending, when their cause changes: see `rewrite_messages`).
 
 Every template declares its placeholders here; a locale file that misses a key or
 uses a placeholder the code does not pass is refused when templates are loaded.

@@ -59,7 +59,7 @@ FROM holds h WHERE h.id = $1
 BOOKING_VIEW = """
 SELECT bk.id, bk.code, bk.status, bk.starts_at, bk.ends_at, bk.branch_id, bk.service_id,
        bk.party_size, bk.channel, bk.cancelled_at, bk.confirmed_by_sms_at,
-       bk.late_cancellation, bk.customer_id, bk.phone, b.timezone, b.name AS branch_name,
+       bk.late_cancellation, bk.customer_id, bk.phone, bk.checked_in_at, b.timezone, b.name AS branch_name,
        s.name AS service_name, s.cancellation_window_min
 FROM bookings bk
 JOIN branches b ON b.id = bk.branch_id
@@ -67,6 +67,9 @@ JOIN services s ON s.id = bk.service_id
 """
 
 BOOKING_BY_ID = BOOKING_VIEW + " WHERE bk.id = $1"
+# Taken before a change: a check-in (which locks the row too) is either before it,
+# and seen, or after it.
+BOOKING_FOR_UPDATE = BOOKING_BY_ID + " FOR UPDATE OF bk"
 
 # Newest first by id; the cursor is the last id seen.
 BOOKINGS_OF_CUSTOMER = (

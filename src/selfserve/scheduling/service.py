@@ -47,6 +47,7 @@ from selfserve import db, idempotency
 from selfserve.auth.tokens import Principal
 from selfserve.db import Conn, Record
 from selfserve.errors import (
+    BookingCheckedIn,
     BookingNotActive,
     Conflict,
     FieldError,
@@ -61,6 +62,7 @@ from selfserve.messaging.service import (
     enqueue_after_commit,
     queue_template,
     reschedule_messages,
+    rewrite_messages,
 )
 from selfserve.messaging.templates import DEFAULT_LOCALE, PLACEHOLDERS, pick_locale, render
 from selfserve.phones import normalise_phone
@@ -287,11 +289,21 @@ def booking_out(row: Record) -> BookingOut:
     )
 
 
-async def _booking_row(conn: Conn, booking_id: int) -> Record:
-    row = await conn.fetchrow(q.BOOKING_BY_ID, booking_id)
+async def _booking_row(conn: Conn, booking_id: int, *, lock: bool = False) -> Record:
+    row = await conn.fetchrow(q.BOOKING_FOR_UPDATE if lock else q.BOOKING_BY_ID, booking_id)
     if row is None:
         raise NotFound()
     return row
+
+
+def _check_changeable(row: Record) -> None:
+    """Only an active booking that has not checked in may be cancelled or moved: once
+    checked in it lives on as a queue ticket (leaving the queue is the ticket's
+    cancel), and its seats and time stay as they are."""
+    if row["status"] not in ledger.ACTIVE_STATUSES:
+        raise BookingNotActive()
+    if row["checked_in_at"] is not None:
+        raise BookingCheckedIn()
 
 
 def _wall(instant: datetime, timezone: str) -> str:
@@ -527,7 +539,9 @@ async def cancel_in_transaction(
 ) -> Record:
     """Cancel an active booking (seats freed at once and offered to the waitlist,
     pending messages cancelled); inside the service's cancellation window the
-    late-cancellation policy is recorded."""
+    late-cancellation policy is recorded. `row` is locked (`_booking_row(lock=True)`);
+    a checked-in booking is refused (`BookingCheckedIn`)."""
+    _check_changeable(row)
     if not await ledger.cancel_booking(conn, row["id"], now):
         raise BookingNotActive()
     window = timedelta(minutes=row["cancellation_window_min"])
@@ -548,7 +562,7 @@ async def cancel_booking(
     policy: BookingPolicy = DEFAULT_POLICY,
 ) -> BookingOut:
     async def tx(conn: Conn) -> tuple[BookingOut, Outbox]:
-        row = await _booking_row(conn, booking_id)
+        row = await _booking_row(conn, booking_id, lock=True)
         _own(row, principal)
         outbox: Outbox = []
         return booking_out(await cancel_in_transaction(conn, row, now, policy, outbox)), outbox
@@ -569,13 +583,13 @@ async def reschedule_booking(
     policy: BookingPolicy = DEFAULT_POLICY,
 ) -> BookingOut:
     """Move the booking in one step; on 409 it keeps its old slot and resource. The
-    seats it leaves are offered to the waitlist."""
+    seats it leaves are offered to the waitlist. Every message of the booking still
+    to be sent is written again for the new time; reminders move with the start."""
 
     async def tx(conn: Conn) -> tuple[BookingOut, Outbox]:
-        row = await _booking_row(conn, booking_id)
+        row = await _booking_row(conn, booking_id, lock=True)
         _own(row, principal)
-        if row["status"] not in ledger.ACTIVE_STATUSES:
-            raise BookingNotActive()
+        _check_changeable(row)
         ctx = await load_context(conn, row["branch_id"], row["service_id"])
         candidates = await find_resources(
             conn, ctx, start, row["party_size"], now, ignore_booking=booking_id
@@ -589,6 +603,7 @@ async def reschedule_booking(
         await first_that_fits(candidates, attempt)
         moved = await _booking_row(conn, booking_id)
         outbox: Outbox = []
+        await rewrite_messages(conn, f"booking:{booking_id}:", _booking_sms_params(moved))
         for reminder in policy.reminders:
             send_at = moved["starts_at"] - reminder.lead
             prefix = f"booking:{booking_id}:{reminder.kind}:"
