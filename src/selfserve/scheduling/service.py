@@ -18,9 +18,11 @@ Choices worth knowing
   that freed anything, runs once more.
 - Seats freed by a cancel, a reschedule or an expiry are offered to the waitlist in
   the same transaction (`waitlist.py`).
-- Idempotency: only successful responses are recorded (a refused request changed
-  nothing, so running it again is safe). Keys are per caller; the record is the
-  response body and status, replayed as they were.
+- Idempotency (`idempotency.py`): the key is reserved before the work starts, so a
+  duplicate arriving meanwhile gets 409 `idempotency_key_in_progress`, not a second
+  run; only successful responses are recorded (a refused request releases the key:
+  it changed nothing, so running it again is safe). Keys are per caller; the record
+  is the response body and status, replayed as they were.
 - Outbox dedupe keys: `booking:<id>:confirmation`, and reminders
   `booking:<id>:<kind>:<start, unix seconds>` with kinds `reminder_24h`,
   `reminder_2h` (from `SELFSERVE_REMINDERS`). The start in the key lets a reschedule
