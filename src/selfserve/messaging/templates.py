@@ -29,6 +29,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "confirm_request": frozenset({"service", "local_time", "code"}),
     "booking_confirmed_reply": frozenset({"service", "local_time", "code"}),
     "booking_cancelled_reply": frozenset({"service", "local_time", "code"}),
+    "booking_checked_in_reply": frozenset({"service", "local_time", "code"}),
+    "booking_choose_reply": frozenset({"bookings", "example"}),
     "waitlist_offer": frozenset({"service", "branch", "local_time", "minutes"}),
     "ticket_called": frozenset({"ticket", "counter"}),
     "turn_near": frozenset({"ticket", "ahead"}),
