@@ -173,3 +173,14 @@ async def sms(pool: asyncpg.Pool, phone: str, body: str, settings: Settings | No
         body=body,
         settings=settings,
     )
+
+
+async def mark_sent(pool: asyncpg.Pool, booking_id: int, kind: str) -> None:
+    """The booking's pending `kind` message (`confirmation`, `reminder_24h`, ...) was
+    sent now, as the worker records a send."""
+    done = await pool.execute(
+        "UPDATE messages SET status = 'sent', provider_sid = 'SMtest' || id, sent_at = now() "
+        "WHERE dedupe_key LIKE $1 AND status = 'pending'",
+        f"booking:{booking_id}:{kind}%",
+    )
+    assert done != "UPDATE 0", f"no pending {kind} message for booking {booking_id}"

@@ -114,6 +114,14 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "The booking is no longer active.",
         "该预约已失效。",
     ),
+    "booking_checked_in": (
+        "This booking has checked in and is in the queue; to leave, cancel the ticket.",
+        "该预约已签到并在排队中；如需离开，请取消排队号。",
+    ),
+    "idempotency_key_in_progress": (
+        "A request with this Idempotency-Key is still being processed; retry shortly.",
+        "使用该幂等键的请求仍在处理中，请稍后重试。",
+    ),
     "staff_booking_required": (
         "After several missed appointments, please ask our staff to book for you.",
         "由于多次未按时赴约，请联系工作人员为您预约。",
@@ -282,6 +290,18 @@ class IdempotencyKeyReused(InvalidInput):
 
 class BookingNotActive(Conflict):
     code = "booking_not_active"
+
+
+class BookingCheckedIn(Conflict):
+    """The booking is checked in: it lives on as a queue ticket until that ends."""
+
+    code = "booking_checked_in"
+
+
+class IdempotencyKeyInProgress(Conflict):
+    """Another request with the same key has not finished yet (try again shortly)."""
+
+    code = "idempotency_key_in_progress"
 
 
 class CapacityInUse(Conflict):
@@ -457,6 +477,7 @@ __all__ = [
     "EXCEPTION_HANDLERS",
     "MESSAGES",
     "PROBLEM_MEDIA_TYPE",
+    "BookingCheckedIn",
     "BookingNotActive",
     "CapacityInUse",
     "Conflict",
@@ -464,6 +485,7 @@ __all__ = [
     "FieldError",
     "Forbidden",
     "HoldExpired",
+    "IdempotencyKeyInProgress",
     "IdempotencyKeyReused",
     "InvalidInput",
     "NotFound",

@@ -446,3 +446,40 @@ async def test_cancellations_while_200_clients_book_the_freed_seats(
         assert seats <= CAPACITY, dict(s)
         assert s["min_used"] == s["max_used"] == seats, dict(s)
     assert snapshots[-1]["bookings"] == CAPACITY
+
+
+RETRIES = 60
+
+
+@pytest.mark.parametrize("path", ["/v1/bookings", "/v1/holds"])
+async def test_60_retries_with_one_idempotency_key_across_two_processes(
+    apis: list[str], auth: Callable[[int], dict[str, str]], pool: asyncpg.Pool, path: str
+) -> None:
+    """One customer's request for the last seat of a slot, sent 60 times at once with
+    one key (a client retrying after timeouts), each on a connection of its own, over
+    both processes: it runs once; every answer is that 201 (replayed) or 409
+    `idempotency_key_in_progress`, never `slot_full` for the seat it took itself."""
+    hall = await seed_hall(pool, CAPACITY)
+    start = first_slot()
+    await seed_bookings(pool, hall, [(c, start) for c in hall.customers[1:]])
+    body = hall.body(start)
+    headers = {**auth(hall.customers[0]), "Idempotency-Key": f"retry-{path}"}
+
+    responses = await race(apis, [post(path, body, headers) for _ in range(RETRIES)])
+
+    counts = outcome(responses)
+    assert set(counts) <= {(201, None), (409, "idempotency_key_in_progress")}, counts
+    created = [r for r in responses if r.status_code == 201]
+    assert created
+    assert len({r.json()["id"] for r in created}) == 1
+    assert sum(r.headers.get("idempotent-replayed") != "true" for r in created) == 1
+    assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 409)
+    table = "bookings" if path == "/v1/bookings" else "holds"
+    rows = await pool.fetch(
+        f"SELECT id FROM {table} WHERE resource_id = $1 AND customer_id = $2",
+        hall.resource_id,
+        hall.customers[0],
+    )
+    assert [r["id"] for r in rows] == [created[0].json()["id"]]
+    assert await slot_seats(pool, hall.resource_id, start) == CAPACITY
+    await assert_ledger_sound(pool)

@@ -16,6 +16,7 @@ from tests.booking_helpers import (
     invariant_holds,
     iso,
     kiosk,
+    mark_sent,
     messages_of,
     remaining,
     seed,
@@ -351,6 +352,7 @@ async def test_sms_y_from_the_bookings_phone_confirms_and_another_phone_changes_
     _, phone, token = await customer(pool, module_env)
     booking = (await book(client, token, bid, sid, at_hour(2, 3))).json()
     assert booking["confirmed_by_sms_at"] is None
+    await mark_sent(pool, booking["id"], "reminder_24h")  # the confirm request
 
     answer = await sms(pool, "+8613700999999", "Y")
     assert "a member of staff" in answer  # kept for staff
@@ -364,22 +366,25 @@ async def test_sms_y_from_the_bookings_phone_confirms_and_another_phone_changes_
     assert view["status"] == "confirmed"
 
 
-async def test_sms_n_cancels_the_next_booking_and_frees_it(
+async def test_sms_n_cancels_the_booking_whose_message_asked_and_frees_it(
     client: httpx.AsyncClient, pool: asyncpg.Pool, module_env: ModuleEnv
 ) -> None:
     bid, sid, _ = await seed(pool, capacity=1)
     _, phone, token = await customer(pool, module_env)
-    start = at_hour(2, 4)
-    later = at_hour(2, 6)
-    first = (await book(client, token, bid, sid, start)).json()
+    earlier = at_hour(2, 4)
+    later = at_hour(4, 6)
+    first = (await book(client, token, bid, sid, earlier)).json()
+    await mark_sent(pool, first["id"], "confirmation")
     second = (await book(client, token, bid, sid, later)).json()
+    await mark_sent(pool, second["id"], "confirmation")  # "Reply N to cancel", the last text
     answer = await sms(pool, phone, "取消")
-    assert first["code"] in answer
-    view = (await client.get(f"/v1/bookings/{first['id']}", headers=bearer(token))).json()
-    assert view["status"] == "cancelled"
+    assert second["code"] in answer
     view = (await client.get(f"/v1/bookings/{second['id']}", headers=bearer(token))).json()
+    assert view["status"] == "cancelled"
+    view = (await client.get(f"/v1/bookings/{first['id']}", headers=bearer(token))).json()
     assert view["status"] == "confirmed"
-    assert await remaining(client, bid, sid, start) == 1
+    assert await remaining(client, bid, sid, later) == 1
+    assert await remaining(client, bid, sid, earlier) == 0
     await invariant_holds(pool)
 
 

@@ -67,6 +67,29 @@ def test_text_with_inner_whitespace_is_never_an_opt_out(text: str) -> None:
     assert classify(padded).intent == "unknown"
 
 
+@pytest.mark.parametrize(
+    ("text", "intent", "code"),
+    [
+        ("N K7Q2XM", "cancel", "K7Q2XM"),
+        ("n k7q2xm", "cancel", "K7Q2XM"),
+        ("取消 K7Q2XM", "cancel", "K7Q2XM"),
+        ("取消k7q2xm", "cancel", "K7Q2XM"),
+        ("Ｙ　Ｋ７Ｑ２ＸＭ", "confirm", "K7Q2XM"),  # full-width, ideographic space
+        ("确认K7Q2XM", "confirm", "K7Q2XM"),
+        ("yes K7Q2XM.", "confirm", "K7Q2XM"),
+        ("N", "cancel", None),
+        ("Y please", "unknown", None),  # not a code (no L in codes)
+        ("N K7Q2X", "unknown", None),  # too short
+        ("N K7Q2XM now", "unknown", None),
+        ("stop K7Q2XM", "unknown", None),  # only Y and N take a code
+        ("K7Q2XM", "unknown", None),
+    ],
+)
+def test_a_confirm_or_cancel_may_name_its_booking(text: str, intent: str, code: str | None) -> None:
+    result = classify(text)
+    assert (result.intent, result.code) == (intent, code)
+
+
 def test_locale_guess_from_script() -> None:
     assert guess_locale("我想取消预约") == "zh-CN"
     assert guess_locale("cancel my booking") == "en"

@@ -32,6 +32,8 @@ SAMPLE = {
     "counter": "4",
     "ahead": 2,
     "eta": "10-15 min",
+    "bookings": "K7Q2XM Open an account 2027-03-02 10:30; P3RT9W Open an account 2027-03-04 09:00",
+    "example": "K7Q2XM",
 }
 
 

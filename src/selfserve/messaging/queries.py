@@ -29,6 +29,18 @@ UPDATE messages SET send_at = $2, updated_at = now()
 WHERE dedupe_key LIKE $1 AND status = 'pending'
 RETURNING id
 """
+# The pending rows under a prefix, locked (a send job's claim waits for the caller's
+# transaction and then sends what it wrote), and a new text for one of them.
+PENDING_FOR_UPDATE = """
+SELECT id, template, locale FROM messages
+WHERE dedupe_key LIKE $1 AND status = 'pending'
+ORDER BY id
+FOR UPDATE
+"""
+REWRITE_PENDING = """
+UPDATE messages SET body = $2, segments = $3, encoding = $4, updated_at = now()
+WHERE id = $1 AND status = 'pending'
+"""
 
 # Take the row for one send: a due pending row, or a 'sending' row whose claim is
 # older than the lease (its worker died). Reclaiming such a row sets `maybe_sent`:

@@ -36,7 +36,7 @@ How a message is never doubled
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -60,7 +60,7 @@ from selfserve.messaging.models import (
     SmsRequest,
 )
 from selfserve.messaging.quiet_hours import next_allowed_send_time, parse_clock
-from selfserve.messaging.templates import render
+from selfserve.messaging.templates import PLACEHOLDERS, render
 from selfserve.messaging.transport import (
     ProviderError,
     ProviderRejected,
@@ -126,8 +126,8 @@ async def queue_message(
 ) -> int | None:
     """Write one outbox row in the caller's transaction; None if `dedupe_key` exists.
 
-    The body is rendered by the caller and stored as is: it is never rendered again.
-    After the transaction commits, pass the id to `enqueue_after_commit`.
+    The body is rendered by the caller and stored as is; only `rewrite_messages` (its
+    cause changed while it was pending) renders it again. After the transaction commits, pass the id to `enqueue_after_commit`.
     """
     if send_at.tzinfo is None:
         raise ValueError("send_at must be timezone-aware")
@@ -205,6 +205,25 @@ async def reschedule_messages(conn: Conn, dedupe_prefix: str, new_send_at: datet
         raise ValueError("new_send_at must be timezone-aware")
     rows = await conn.fetch(q.RESCHEDULE_PENDING, _like_prefix(dedupe_prefix), new_send_at)
     return [r["id"] for r in rows]
+
+
+async def rewrite_messages(
+    conn: Conn, dedupe_prefix: str, params: Mapping[str, object]
+) -> list[int]:
+    """Render the pending messages under `dedupe_prefix` again, each from its own
+    template and locale, with `params` (each template takes the placeholders it
+    declares), in the caller's transaction: a change to their cause (a booking moved
+    to another time) reaches what is still to be sent. Returns the ids rewritten; a
+    row whose template needs a placeholder not in `params` is left as it is."""
+    rewritten: list[int] = []
+    for r in await conn.fetch(q.PENDING_FOR_UPDATE, _like_prefix(dedupe_prefix)):
+        wanted = PLACEHOLDERS.get(r["template"])
+        if wanted is None or not wanted <= params.keys():
+            continue
+        sms = render(r["template"], r["locale"], **{k: params[k] for k in wanted})
+        await conn.execute(q.REWRITE_PENDING, r["id"], sms.body, sms.segments, sms.encoding)
+        rewritten.append(r["id"])
+    return rewritten
 
 
 # --- enqueueing ---------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""SMS templates per locale (channels/sms/<locale>.toml), rendered once at enqueue time.
+"""SMS templates per locale (channels/sms/<locale>.toml), rendered at enqueue time
+(and again, while still pending, when their cause changes: see `rewrite_messages`).
 
 Every template declares its placeholders here; a locale file that misses a key or
 uses a placeholder the code does not pass is refused when templates are loaded.
@@ -28,6 +29,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "confirm_request": frozenset({"service", "local_time", "code"}),
     "booking_confirmed_reply": frozenset({"service", "local_time", "code"}),
     "booking_cancelled_reply": frozenset({"service", "local_time", "code"}),
+    "booking_checked_in_reply": frozenset({"service", "local_time", "code"}),
+    "booking_choose_reply": frozenset({"bookings", "example"}),
     "waitlist_offer": frozenset({"service", "branch", "local_time", "minutes"}),
     "ticket_called": frozenset({"ticket", "counter"}),
     "turn_near": frozenset({"ticket", "ahead"}),

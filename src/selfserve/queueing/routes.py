@@ -39,7 +39,9 @@ IdempotencyKey = Annotated[
         max_length=200,
         required=False,
         description="Same key and body: the first response is replayed; "
-        "same key, other body: 422 `idempotency_key_reused`",
+        "same key, other body: 422 `idempotency_key_reused`; "
+        "while the first request is still running: 409 `idempotency_key_in_progress` "
+        "with `Retry-After`",
     ),
 ]
 AccessToken = Annotated[
@@ -128,7 +130,9 @@ class TicketController(Controller):
         description="Answers the daily display code (e.g. A023, numbered per queue in "
         "branch time), the place in the queue and the expected wait as a band. 409 "
         "`queue_closed` when the branch is closed or the wait would run past closing.",
-        responses=problems(401, 403, 404, 409, 413, 422, s409="`queue_closed`"),
+        responses=problems(
+            401, 403, 404, 409, 413, 422, s409="`queue_closed`, `idempotency_key_in_progress`"
+        ),
         guards=[require(*ISSUERS)],
     )
     async def create(

@@ -59,7 +59,7 @@ FROM holds h WHERE h.id = $1
 BOOKING_VIEW = """
 SELECT bk.id, bk.code, bk.status, bk.starts_at, bk.ends_at, bk.branch_id, bk.service_id,
        bk.party_size, bk.channel, bk.cancelled_at, bk.confirmed_by_sms_at,
-       bk.late_cancellation, bk.customer_id, bk.phone, b.timezone, b.name AS branch_name,
+       bk.late_cancellation, bk.customer_id, bk.phone, bk.checked_in_at, b.timezone, b.name AS branch_name,
        s.name AS service_name, s.cancellation_window_min
 FROM bookings bk
 JOIN branches b ON b.id = bk.branch_id
@@ -67,6 +67,9 @@ JOIN services s ON s.id = bk.service_id
 """
 
 BOOKING_BY_ID = BOOKING_VIEW + " WHERE bk.id = $1"
+# Taken before a change: a check-in (which locks the row too) is either before it,
+# and seen, or after it.
+BOOKING_FOR_UPDATE = BOOKING_BY_ID + " FOR UPDATE OF bk"
 
 # Newest first by id; the cursor is the last id seen.
 BOOKINGS_OF_CUSTOMER = (
@@ -80,14 +83,49 @@ LIMIT $3
 
 MARK_LATE_CANCELLATION = "UPDATE bookings SET late_cancellation = true WHERE id = $1"
 
-# The next active booking of a phone that has not started yet.
-NEXT_BOOKING_OF_PHONE = """
-SELECT id FROM bookings
-WHERE phone = $1 AND status IN ('pending_payment', 'confirmed') AND starts_at > $2
-ORDER BY starts_at, id
-LIMIT 1
-FOR UPDATE
+# SMS replies. The messages actually sent to a phone that asked it about one of its
+# bookings still open to an answer (active, and not started or checked in), newest
+# first; `answered`: a reply from the phone was applied to that booking since.
+ASKS_OF_PHONE = """
+SELECT m.id, m.template, m.sent_at, b.id AS booking_id, b.checked_in_at,
+       EXISTS (SELECT 1 FROM inbound_sms i
+               WHERE i.from_phone = $1 AND i.booking_id = b.id AND i.received_at > m.sent_at)
+       AS answered
+FROM (SELECT id, template, sent_at,
+             CASE WHEN dedupe_key ~ '^booking:[0-9]{1,18}:'
+                  THEN split_part(dedupe_key, ':', 2)::bigint END AS booking_id
+      FROM messages
+      WHERE phone = $1 AND template = ANY($2::text[]) AND status IN ('sent', 'delivered')
+        AND sent_at IS NOT NULL) m
+JOIN bookings b ON b.id = m.booking_id
+WHERE b.phone = $1 AND b.status IN ('pending_payment', 'confirmed')
+  AND (b.starts_at > $3 OR b.checked_in_at IS NOT NULL)
+ORDER BY m.sent_at DESC, m.id DESC
+LIMIT 100
 """
+
+# The booking a reply names by its code, among those texted to the phone.
+BOOKING_BY_CODE_OF_PHONE = (
+    BOOKING_VIEW
+    + """
+WHERE bk.code = $1 AND bk.phone = $2 AND bk.status IN ('pending_payment', 'confirmed')
+FOR UPDATE OF bk
+"""
+)
+
+# What a reply that cannot tell its booking lists: the phone's open bookings.
+OPEN_BOOKINGS_OF_PHONE = (
+    BOOKING_VIEW
+    + """
+WHERE bk.phone = $1 AND bk.status IN ('pending_payment', 'confirmed') AND bk.starts_at > $2
+  AND bk.checked_in_at IS NULL
+ORDER BY bk.starts_at, bk.id
+LIMIT $3
+"""
+)
+
+# The booking an inbound reply was applied to.
+MARK_REPLY_APPLIED = "UPDATE inbound_sms SET booking_id = $2 WHERE message_sid = $1"
 
 CONFIRM_BY_SMS = """
 UPDATE bookings SET confirmed_by_sms_at = coalesce(confirmed_by_sms_at, $2), updated_at = now()

@@ -46,14 +46,17 @@ IdempotencyKey = Annotated[
         max_length=200,
         required=False,
         description="Same key and body: the first response is replayed; "
-        "same key, other body: 422 `idempotency_key_reused`",
+        "same key, other body: 422 `idempotency_key_reused`; "
+        "while the first request is still running: 409 `idempotency_key_in_progress` "
+        "with `Retry-After`",
     ),
 ]
 SECURITY: list[dict[str, list[str]]] = [{"BearerToken": []}]
 BOOKERS = ("customer", "kiosk", "staff", "manager", "admin")
 CONFLICTS = (
     "`slot_full` (no seats left), `slot_unavailable` (not a slot of the service), "
-    "`hold_expired`, `booking_not_active`"
+    "`hold_expired`, `booking_not_active`, `booking_checked_in` (cancel and reschedule), "
+    "`idempotency_key_in_progress` (creating, with the same key as a request still running)"
 )
 NO_SHOWS = (
     "`staff_booking_required` (repeated no-shows: staff book for this customer), `branch_forbidden`"
@@ -195,7 +198,7 @@ class BookingController(Controller):
         status_code=200,
         summary="Cancel a booking; frees its seats at once and offers them to the waitlist "
         "(customer)",
-        responses=problems(401, 403, 404, 409, s409="`booking_not_active`"),
+        responses=problems(401, 403, 404, 409, s409="`booking_not_active`, `booking_checked_in`"),
         guards=[require("customer")],
     )
     async def cancel(
@@ -259,7 +262,14 @@ class WaitlistController(Controller):
         "pass it on. A free seat already there is offered at once. One open entry per "
         "service and day: a second is 409 `already_waitlisted`.",
         responses=problems(
-            401, 403, 404, 409, 413, 422, s403=NO_SHOWS, s409="`already_waitlisted`"
+            401,
+            403,
+            404,
+            409,
+            413,
+            422,
+            s403=NO_SHOWS,
+            s409="`already_waitlisted`, `idempotency_key_in_progress`",
         ),
     )
     async def join(

@@ -18,14 +18,22 @@ Choices worth knowing
   that freed anything, runs once more.
 - Seats freed by a cancel, a reschedule or an expiry are offered to the waitlist in
   the same transaction (`waitlist.py`).
-- Idempotency: only successful responses are recorded (a refused request changed
-  nothing, so running it again is safe). Keys are per caller; the record is the
-  response body and status, replayed as they were.
+- Idempotency (`idempotency.py`): the key is reserved before the work starts, so a
+  duplicate arriving meanwhile gets 409 `idempotency_key_in_progress`, not a second
+  run; only successful responses are recorded (a refused request releases the key:
+  it changed nothing, so running it again is safe). Keys are per caller; the record
+  is the response body and status, replayed as they were.
 - Outbox dedupe keys: `booking:<id>:confirmation`, and reminders
   `booking:<id>:<kind>:<start, unix seconds>` with kinds `reminder_24h`,
   `reminder_2h` (from `SELFSERVE_REMINDERS`). The start in the key lets a reschedule
   move a pending reminder (by prefix `booking:<id>:reminder_24h:`) or, when the old
-  one is already sent, queue a new one.
+  one is already sent, queue a new one. Every pending message of a moved booking is
+  rendered again with the new time (`rewrite_messages`).
+- A checked-in booking is a queue ticket: cancel and reschedule (and SMS `N`) refuse
+  it with 409 `booking_checked_in`; the booking row is locked first, as check-in
+  locks it, so the two never interleave.
+- SMS `Y`/`N` act on the booking whose message asked (see "SMS replies" below) and
+  ask back when that is unclear.
 - Repeated no-shows: a customer (or a walk-in phone at a kiosk) with
   `SELFSERVE_NO_SHOW_LIMIT` no-shows in the window gets 403
   `staff_booking_required` for holds, bookings and the waitlist; staff book for them.
@@ -47,6 +55,7 @@ from selfserve import db, idempotency
 from selfserve.auth.tokens import Principal
 from selfserve.db import Conn, Record
 from selfserve.errors import (
+    BookingCheckedIn,
     BookingNotActive,
     Conflict,
     FieldError,
@@ -61,6 +70,7 @@ from selfserve.messaging.service import (
     enqueue_after_commit,
     queue_template,
     reschedule_messages,
+    rewrite_messages,
 )
 from selfserve.messaging.templates import DEFAULT_LOCALE, PLACEHOLDERS, pick_locale, render
 from selfserve.phones import normalise_phone
@@ -288,11 +298,21 @@ def booking_out(row: Record) -> BookingOut:
     )
 
 
-async def _booking_row(conn: Conn, booking_id: int) -> Record:
-    row = await conn.fetchrow(q.BOOKING_BY_ID, booking_id)
+async def _booking_row(conn: Conn, booking_id: int, *, lock: bool = False) -> Record:
+    row = await conn.fetchrow(q.BOOKING_FOR_UPDATE if lock else q.BOOKING_BY_ID, booking_id)
     if row is None:
         raise NotFound()
     return row
+
+
+def _check_changeable(row: Record) -> None:
+    """Only an active booking that has not checked in may be cancelled or moved: once
+    checked in it lives on as a queue ticket (leaving the queue is the ticket's
+    cancel), and its seats and time stay as they are."""
+    if row["status"] not in ledger.ACTIVE_STATUSES:
+        raise BookingNotActive()
+    if row["checked_in_at"] is not None:
+        raise BookingCheckedIn()
 
 
 def _wall(instant: datetime, timezone: str) -> str:
@@ -529,7 +549,9 @@ async def cancel_in_transaction(
 ) -> Record:
     """Cancel an active booking (seats freed at once and offered to the waitlist,
     pending messages cancelled); inside the service's cancellation window the
-    late-cancellation policy is recorded."""
+    late-cancellation policy is recorded. `row` is locked (`_booking_row(lock=True)`);
+    a checked-in booking is refused (`BookingCheckedIn`)."""
+    _check_changeable(row)
     if not await ledger.cancel_booking(conn, row["id"], now):
         raise BookingNotActive()
     window = timedelta(minutes=row["cancellation_window_min"])
@@ -550,7 +572,7 @@ async def cancel_booking(
     policy: BookingPolicy = DEFAULT_POLICY,
 ) -> BookingOut:
     async def tx(conn: Conn) -> tuple[BookingOut, Outbox]:
-        row = await _booking_row(conn, booking_id)
+        row = await _booking_row(conn, booking_id, lock=True)
         _own(row, principal)
         outbox: Outbox = []
         return booking_out(await cancel_in_transaction(conn, row, now, policy, outbox)), outbox
@@ -571,13 +593,13 @@ async def reschedule_booking(
     policy: BookingPolicy = DEFAULT_POLICY,
 ) -> BookingOut:
     """Move the booking in one step; on 409 it keeps its old slot and resource. The
-    seats it leaves are offered to the waitlist."""
+    seats it leaves are offered to the waitlist. Every message of the booking still
+    to be sent is written again for the new time; reminders move with the start."""
 
     async def tx(conn: Conn) -> tuple[BookingOut, Outbox]:
-        row = await _booking_row(conn, booking_id)
+        row = await _booking_row(conn, booking_id, lock=True)
         _own(row, principal)
-        if row["status"] not in ledger.ACTIVE_STATUSES:
-            raise BookingNotActive()
+        _check_changeable(row)
         ctx = await load_context(conn, row["branch_id"], row["service_id"])
         candidates = await find_resources(
             conn, ctx, start, row["party_size"], now, ignore_booking=booking_id
@@ -596,6 +618,7 @@ async def reschedule_booking(
         await first_that_fits(candidates, attempt)
         moved = await _booking_row(conn, booking_id)
         outbox: Outbox = []
+        await rewrite_messages(conn, f"booking:{booking_id}:", _booking_sms_params(moved))
         for reminder in policy.reminders:
             send_at = moved["starts_at"] - reminder.lead
             prefix = f"booking:{booking_id}:{reminder.kind}:"
@@ -830,11 +853,66 @@ async def purge_idempotency_keys(ctx: dict[str, Any]) -> int:
 
 
 # --- SMS replies ---------------------------------------------------------------
+#
+# A Y or N answers the message that asked for it. "N <code>" (or "Y <code>") names
+# the booking. Otherwise the reply goes to the booking of the last message that asked
+# and was actually sent to the phone (a confirm request asks Y or N; a booking
+# confirmation offers N), among its bookings still open to an answer. When that
+# cannot be told (no such message, or another booking's confirm request also waits
+# for an answer) nothing is done and the reply asks which booking, listing them.
+
+ASKING: dict[str, tuple[str, ...]] = {
+    "confirm": ("confirm_request",),
+    "cancel": ("confirm_request", "booking_confirmation"),
+}
+CHOICES_LISTED = 5
 
 
-async def _next_booking(conn: Conn, phone: str) -> Record | None:
-    booking_id = await conn.fetchval(q.NEXT_BOOKING_OF_PHONE, phone, utcnow())
-    return None if booking_id is None else await _booking_row(conn, booking_id)
+def _answerable(row: Record, now: datetime) -> bool:
+    """Active and either still ahead or checked in (then N is answered as such)."""
+    return row["status"] in ledger.ACTIVE_STATUSES and (
+        row["starts_at"] > now or row["checked_in_at"] is not None
+    )
+
+
+async def _choices(conn: Conn, sms: inbound.InboundSms, now: datetime) -> str | None:
+    """The reply asking which booking is meant (None: the phone has no open booking,
+    so the message is left for staff)."""
+    rows = await conn.fetch(q.OPEN_BOOKINGS_OF_PHONE, sms.phone, now, CHOICES_LISTED)
+    if not rows:
+        return None
+    listed = "; ".join(
+        f"{r['code']} {r['service_name']} {_wall(r['starts_at'], r['timezone'])}" for r in rows
+    )
+    return render("booking_choose_reply", sms.locale, bookings=listed, example=rows[0]["code"]).body
+
+
+async def _replied_to(
+    conn: Conn, sms: inbound.InboundSms, now: datetime
+) -> tuple[Record | None, str | None]:
+    """(the booking a Y or N is about, locked; or None and the reply to send instead)."""
+    if sms.classified.code is not None:
+        row = await conn.fetchrow(q.BOOKING_BY_CODE_OF_PHONE, sms.classified.code, sms.phone)
+    else:
+        row = None
+        asks = await conn.fetch(
+            q.ASKS_OF_PHONE, sms.phone, list(ASKING[sms.classified.intent]), now
+        )
+        if asks:
+            last = asks[0]["booking_id"]
+            waiting = {
+                a["booking_id"]
+                for a in asks
+                if a["template"] == "confirm_request"
+                and not a["answered"]
+                and a["checked_in_at"] is None
+            }
+            if waiting <= {last}:
+                row = await _booking_row(conn, last, lock=True)
+    if row is not None and _answerable(row, now):
+        return row, None
+    log.info("sms_reply_ambiguous", intent=sms.classified.intent, named=sms.classified.code)
+    return None, await _choices(conn, sms, now)
 
 
 def _reply(key: str, locale: str, row: Record) -> str:
@@ -871,34 +949,43 @@ async def _claim_offer(conn: Conn, sms: inbound.InboundSms, offer: Record) -> st
 
 
 async def sms_confirm(conn: Conn, sms: inbound.InboundSms) -> str | None:
-    """'Y' claims the phone's open waitlist offer, else confirms its next active
-    booking; neither: left for staff."""
-    offer = await waitlist.live_offer_of_phone(conn, sms.phone, utcnow())
-    if offer is not None:
-        return await _claim_offer(conn, sms, offer)
-    row = await _next_booking(conn, sms.phone)
+    """'Y' claims the phone's open waitlist offer, else confirms the booking it answers
+    (see above); when that is unclear, asks which."""
+    now = utcnow()
+    if sms.classified.code is None:
+        offer = await waitlist.live_offer_of_phone(conn, sms.phone, now)
+        if offer is not None:
+            return await _claim_offer(conn, sms, offer)
+    row, ask = await _replied_to(conn, sms, now)
     if row is None:
-        return None
-    await conn.execute(q.CONFIRM_BY_SMS, row["id"], utcnow())
+        return ask
+    await conn.execute(q.CONFIRM_BY_SMS, row["id"], now)
+    await conn.execute(q.MARK_REPLY_APPLIED, sms.message_sid, row["id"])
     log.info("booking_confirmed_by_sms", booking_id=row["id"])
     return _reply("booking_confirmed_reply", sms.locale, row)
 
 
 async def sms_cancel(conn: Conn, sms: inbound.InboundSms) -> str | None:
     """'N' declines the phone's open waitlist offer (the seat goes to the next entry),
-    else cancels its next active booking as the cancel endpoint does."""
+    else cancels the booking it answers as the cancel endpoint does (a checked-in
+    booking is not cancelled: the reply says how to leave the queue); when that is
+    unclear, asks which."""
     now = utcnow()
     policy = policy_of(sms.settings)
-    offer = await waitlist.live_offer_of_phone(conn, sms.phone, now)
-    if offer is not None:
-        await waitlist.close_entry(conn, offer["id"], "declined", now, policy, sms.outbox)
-        ctx = await load_context(conn, offer["branch_id"], offer["service_id"])
-        log.info("waitlist_offer_declined_by_sms", entry_id=offer["id"])
-        return render("waitlist_declined_reply", sms.locale, service=ctx.service_name).body
-    row = await _next_booking(conn, sms.phone)
+    if sms.classified.code is None:
+        offer = await waitlist.live_offer_of_phone(conn, sms.phone, now)
+        if offer is not None:
+            await waitlist.close_entry(conn, offer["id"], "declined", now, policy, sms.outbox)
+            ctx = await load_context(conn, offer["branch_id"], offer["service_id"])
+            log.info("waitlist_offer_declined_by_sms", entry_id=offer["id"])
+            return render("waitlist_declined_reply", sms.locale, service=ctx.service_name).body
+    row, ask = await _replied_to(conn, sms, now)
     if row is None:
-        return None
+        return ask
+    if row["checked_in_at"] is not None:
+        return _reply("booking_checked_in_reply", sms.locale, row)
     cancelled = await cancel_in_transaction(conn, row, now, policy, sms.outbox)
+    await conn.execute(q.MARK_REPLY_APPLIED, sms.message_sid, row["id"])
     log.info("booking_cancelled_by_sms", booking_id=row["id"])
     return _reply("booking_cancelled_reply", sms.locale, cancelled)
 
