@@ -17,7 +17,7 @@ from selfserve.messaging.service import (
     sweep_outbox,
 )
 from selfserve.messaging.transport import build_transport
-from selfserve.queueing.service import close_stale_tickets
+from selfserve.queueing.sweeps import close_stale_tickets, sweep_turn_near
 from selfserve.scheduling.service import (
     purge_idempotency_keys,
     sweep_holds,
@@ -94,6 +94,7 @@ class WorkerSettings:
         func(sweep_no_shows, max_tries=1, timeout=120),
         func(sweep_waitlist, max_tries=1, timeout=120),
         func(close_stale_tickets, max_tries=1, timeout=120),
+        func(sweep_turn_near, max_tries=1, timeout=120),
         purge_idempotency_keys,
     ]
     cron_jobs = [
@@ -108,8 +109,11 @@ class WorkerSettings:
         # Every minute: close passed windows, offer free seats to waiting entries.
         cron(sweep_waitlist, second=15, run_at_startup=True, timeout=120),
         cron(purge_idempotency_keys, minute=23, run_at_startup=False),
-        # Every 10 minutes: tickets left open from an earlier local day are closed.
+        # Every 10 minutes: tickets left open from an earlier local day are closed
+        # when their branch closed in between (a 24-hour branch keeps its queue).
         cron(close_stale_tickets, minute=set(range(2, 60, 10)), run_at_startup=True),
+        # Every minute: "turn near" texts a dead process did not send after its commit.
+        cron(sweep_turn_near, second=50, run_at_startup=True, timeout=120),
     ]
     on_startup = startup
     on_shutdown = shutdown
