@@ -12,7 +12,11 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import httpx
+import pytest
+from arq.connections import ArqRedis, RedisSettings
+from arq.worker import Worker
 
+from selfserve import worker as worker_module
 from selfserve.auth.tokens import Principal
 from selfserve.queueing import service as svc
 from selfserve.queueing.models import TicketCreate
@@ -311,3 +315,49 @@ async def ticket_at(pool: asyncpg.Pool, h: Hall, status: str) -> int:
         "SELECT id FROM tickets WHERE branch_id = $1 AND status = $2", h.branch_id, status
     )
     return found
+
+
+async def test_the_worker_runs_the_turn_near_sweep_every_minute(
+    client: httpx.AsyncClient,
+    pool: asyncpg.Pool,
+    redis: ArqRedis,
+    module_env: ModuleEnv,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    by_name = {c.name: c for c in worker_module.WorkerSettings.cron_jobs}
+    assert by_name["cron:sweep_turn_near"].second == 50  # once a minute
+    assert by_name["cron:sweep_turn_near"].run_at_startup
+
+    monkeypatch.setenv("DATABASE_URL", module_env.database_url)
+    monkeypatch.setenv("REDIS_URL", module_env.redis_url)
+    monkeypatch.setenv("SELFSERVE_LOG_LEVEL", "WARNING")
+    h = await hall(pool, module_env, counters=1)
+    await open_counters(client, h)
+    phones = [phone() for _ in range(3)]
+    for p in phones:
+        await take(client, h.kiosk, h.queues["A"], phone=p)
+    now = datetime.now(UTC)
+    await svc.call_next(
+        pool, clerk(h), h.counters[0], now=now, settings=module_env.settings, locale="en"
+    )
+
+    assert await redis.enqueue_job("sweep_turn_near") is not None
+    w = Worker(
+        functions=worker_module.WorkerSettings.functions,
+        on_startup=worker_module.startup,
+        on_shutdown=worker_module.shutdown,
+        redis_settings=RedisSettings.from_dsn(module_env.redis_url),
+        burst=True,
+        poll_delay=0,
+        handle_signals=False,
+    )
+    try:
+        async with asyncio.timeout(60):
+            await w.main()
+    finally:
+        await w.close()
+
+    assert w.jobs_failed == 0
+    for p in phones[1:]:
+        [text] = await texts(pool, "turn_near", p)
+        assert text["status"] == "sent"  # the sweep's texts went out (console transport)
