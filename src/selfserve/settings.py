@@ -77,6 +77,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     recalls_before_no_show: int = 2
     turn_near_position: int = 3
     survey_delay_min: int = 30
+    # Minutes a "go to counter" or "turn near" text may still go out after it is written.
+    queue_text_ttl_min: int = 10
     # Live events: Redis pub/sub channels are global to a Redis server (not per db
     # index), so every deployment (or test run) sharing one server needs its own prefix.
     live_channel_prefix: str = "selfserve"
@@ -239,5 +241,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         recalls_before_no_show=_int(env, "SELFSERVE_RECALLS_BEFORE_NO_SHOW", 2, minimum=0),
         turn_near_position=_int(env, "SELFSERVE_TURN_NEAR_POSITION", 3, minimum=0),
         survey_delay_min=_int(env, "SELFSERVE_SURVEY_DELAY", 30, minimum=0),
+        queue_text_ttl_min=_int(env, "SELFSERVE_QUEUE_TEXT_TTL", 10, minimum=1),
         live_channel_prefix=_channel_prefix(env),
     )

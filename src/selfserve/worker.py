@@ -17,7 +17,7 @@ from selfserve.messaging.service import (
     sweep_outbox,
 )
 from selfserve.messaging.transport import build_transport
-from selfserve.queueing.service import close_stale_tickets
+from selfserve.queueing.sweeps import close_stale_tickets, sweep_turn_near
 from selfserve.scheduling.service import (
     purge_capacity_ledger,
     purge_idempotency_keys,
@@ -95,6 +95,7 @@ class WorkerSettings:
         func(sweep_no_shows, max_tries=1, timeout=120),
         func(sweep_waitlist, max_tries=1, timeout=120),
         func(close_stale_tickets, max_tries=1, timeout=120),
+        func(sweep_turn_near, max_tries=1, timeout=120),
         purge_idempotency_keys,
         func(purge_capacity_ledger, max_tries=1, timeout=300),
     ]
@@ -114,8 +115,11 @@ class WorkerSettings:
         cron(
             purge_capacity_ledger, minute=set(range(7, 60, 10)), run_at_startup=False, timeout=300
         ),
-        # Every 10 minutes: tickets left open from an earlier local day are closed.
+        # Every 10 minutes: tickets left open from an earlier local day are closed
+        # when their branch closed in between (a 24-hour branch keeps its queue).
         cron(close_stale_tickets, minute=set(range(2, 60, 10)), run_at_startup=True),
+        # Every minute: "turn near" texts a dead process did not send after its commit.
+        cron(sweep_turn_near, second=50, run_at_startup=True, timeout=120),
     ]
     on_startup = startup
     on_shutdown = shutdown

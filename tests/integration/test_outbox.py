@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
@@ -181,6 +182,7 @@ async def queue(
     time_critical: bool = False,
     locale: str = "en",
     encoding: str = "GSM-7",
+    expires_at: datetime | None = None,
 ) -> int:
     """One outbox row written in its own transaction, enqueued after commit."""
     async with transaction(pool) as conn:
@@ -196,6 +198,7 @@ async def queue(
             dedupe_key=dedupe_key or f"test:{next(_seq)}:reminder",
             branch_id=branch_id,
             time_critical=time_critical,
+            expires_at=expires_at,
         )
     assert message_id is not None
     if redis is not None:
@@ -872,3 +875,136 @@ async def test_queue_message_refuses_what_the_outbox_cannot_hold(pool: asyncpg.P
         for change, error in cases:
             with pytest.raises(error):
                 await queue_message(conn, **{**base, **change})
+
+
+# --- deadlines -----------------------------------------------------------------------
+
+
+async def test_a_message_past_its_deadline_is_expired_and_never_sent(
+    env: ModuleEnv, pool: asyncpg.Pool, redis: ArqRedis, twilio: FakeTwilio
+) -> None:
+    # Written an hour ago with ten minutes to live; the worker was down since.
+    late_phone, live_phone = new_phone(), new_phone()
+    written = datetime.now(UTC) - timedelta(hours=1)
+    late = await queue(
+        pool,
+        redis,
+        phone=late_phone,
+        body="Ticket A001: please go to counter 3 now.",
+        send_at=written,
+        time_critical=True,
+        expires_at=written + timedelta(minutes=10),
+    )
+    live = await queue(
+        pool,
+        redis,
+        phone=live_phone,
+        body="Ticket A002: please go to counter 4 now.",
+        send_at=written,
+        time_critical=True,
+        expires_at=datetime.now(UTC) + timedelta(minutes=10),
+    )
+
+    ran = await drain(env, redis)
+
+    assert (ran.complete, ran.retried, ran.failed) == (2, 0, 0)
+    assert twilio.sent_to(late_phone) == []
+    assert len(twilio.sent_to(live_phone)) == 1
+    assert len(twilio.creates) == 1
+    r = await row(pool, late)
+    assert (r["status"], r["error_code"], r["attempts"]) == ("expired", "deadline_passed", 0)
+    assert "deadline" in r["error_message"]
+    assert (r["provider_sid"], r["sent_at"], r["claimed_at"]) == (None, None, None)
+    assert (await row(pool, live))["status"] == "sent"
+    # Final: running its job again changes nothing.
+    assert await redis.enqueue_job("send_message", late, _job_id=job_id(late)) is not None
+    await drain(env, redis)
+    assert len(twilio.creates) == 1
+    assert (await row(pool, late))["status"] == "expired"
+
+
+async def test_after_a_redis_outage_the_sweep_expires_the_overdue_and_sends_the_rest(
+    env: ModuleEnv, pool: asyncpg.Pool, redis: ArqRedis, twilio: FakeTwilio
+) -> None:
+    written = datetime.now(UTC) - timedelta(minutes=30)
+    phones = [new_phone() for _ in range(4)]
+    # Never enqueued (Redis was down at commit): only the sweep can find them.
+    overdue = [
+        await queue(pool, phone=p, send_at=written, time_critical=True, expires_at=written)
+        for p in phones[:2]
+    ]
+    fresh = [
+        await queue(
+            pool,
+            phone=p,
+            send_at=written,
+            time_critical=True,
+            expires_at=datetime.now(UTC) + timedelta(minutes=5),
+        )
+        for p in phones[2:]
+    ]
+
+    assert await sweep(pool, redis) == len(fresh)  # the overdue ones are not queued
+    for mid in overdue:
+        r = await row(pool, mid)
+        assert (r["status"], r["error_code"]) == ("expired", "deadline_passed")
+    await drain(env, redis)
+
+    assert [len(twilio.sent_to(p)) for p in phones] == [0, 0, 1, 1]
+    assert [(await row(pool, m))["status"] for m in fresh] == ["sent", "sent"]
+    assert await sweep(pool, redis) == 0
+
+
+async def test_a_claim_left_by_a_dead_worker_past_the_deadline_is_looked_up_then_expired(
+    env: ModuleEnv, pool: asyncpg.Pool, redis: ArqRedis, twilio: FakeTwilio
+) -> None:
+    phone = new_phone()
+    mid = await queue(
+        pool,
+        redis,
+        phone=phone,
+        time_critical=True,
+        expires_at=datetime.now(UTC) + timedelta(minutes=10),
+    )
+    entered = asyncio.Event()
+    await kill_job_when(
+        env, mid, entered.wait, startup_with(wrap=lambda inner: Stalled(inner, entered))
+    )
+    assert (await row(pool, mid))["status"] == "sending"
+
+    # The lease runs out long after the deadline.
+    await expire_claim(pool, mid)
+    await pool.execute(
+        "UPDATE messages SET expires_at = now() - interval '1 minute' WHERE id = $1", mid
+    )
+    assert await sweep(pool, redis) == 1
+    await drain(env, redis)
+
+    assert twilio.creates == []
+    assert len(twilio.lookups) == 1  # it may have gone out: the provider was asked first
+    r = await row(pool, mid)
+    assert (r["status"], r["error_code"], r["maybe_sent"]) == ("expired", "deadline_passed", False)
+
+
+async def test_quiet_hours_that_outlast_the_deadline_expire_the_message(
+    env: ModuleEnv, pool: asyncpg.Pool, redis: ArqRedis, twilio: FakeTwilio
+) -> None:
+    shanghai = ZoneInfo("Asia/Shanghai")
+    night = (datetime.now(shanghai) + timedelta(days=1)).replace(
+        hour=22, minute=30, second=0, microsecond=0
+    )
+    branch_id = await make_branch(pool, "Asia/Shanghai")
+    # Not time-critical, worth sending until midnight: quiet hours hold it until 08:00.
+    mid = await queue(
+        pool,
+        redis,
+        branch_id=branch_id,
+        expires_at=night.replace(hour=23, minute=59).astimezone(UTC),
+    )
+
+    await drain(env, redis, startup_with(clock=night.astimezone(UTC)))
+
+    assert twilio.creates == []
+    r = await row(pool, mid)
+    assert (r["status"], r["error_code"], r["attempts"]) == ("expired", "deadline_passed", 0)
+    assert "quiet hours" in r["error_message"]

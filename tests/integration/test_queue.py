@@ -17,6 +17,7 @@ from selfserve.messaging.templates import render
 from selfserve.queueing import policy as call_policy
 from selfserve.queueing import service as svc
 from selfserve.queueing.models import TicketCreate
+from selfserve.queueing.sweeps import close_stale_tickets
 from selfserve.scheduling import ledger
 from tests.booking_helpers import sms
 from tests.conftest import ModuleEnv
@@ -549,11 +550,20 @@ async def test_tickets_left_open_from_an_earlier_day_are_closed(
     old = [await take(client, h.kiosk, h.queues["A"]) for _ in range(3)]
     serving = (await staff_post(client, h, f"/v1/counters/{h.counters[0]}/call-next")).json()
     await staff_post(client, h, f"/v1/tickets/{serving['id']}/start")
+    # Taken two days ago; the branch (open round the clock) was closed yesterday.
     await pool.execute(
-        "UPDATE tickets SET local_date = local_date - 1 WHERE branch_id = $1", h.branch_id
+        "UPDATE tickets SET local_date = local_date - 2, issued_at = issued_at - interval '2 days' "
+        "WHERE branch_id = $1",
+        h.branch_id,
     )
     today = await take(client, h.kiosk, h.queues["A"])
-    assert await svc.close_stale_tickets({"pool": pool}) >= 3
+    yesterday = datetime.now(ZoneInfo("Asia/Shanghai")).date() - timedelta(days=1)
+    await pool.execute(
+        "UPDATE branches SET closures = $2 WHERE id = $1",
+        h.branch_id,
+        [{"date": yesterday.isoformat(), "reason": "Holiday"}],
+    )
+    assert await close_stale_tickets({"pool": pool}) >= 3
     states = dict(
         await pool.fetch("SELECT id, status FROM tickets WHERE branch_id = $1", h.branch_id)
     )

@@ -126,6 +126,11 @@ async def test_a_freed_seat_goes_to_the_oldest_entry_as_a_hold_with_an_sms_offer
         (phone1, "waitlist_offer", "pending")
     ]
     assert "15 min" in texted[0]["body"]
+    # the offer is not texted once it has lapsed
+    deadline = await pool.fetchval(
+        "SELECT expires_at FROM messages WHERE dedupe_key LIKE $1", f"waitlist:{e1['id']}:offer:%"
+    )
+    assert deadline == datetime.fromisoformat(offer["expires_at"])
 
     # claiming books the held seat
     resp = await client.post(

@@ -102,6 +102,7 @@ async def request_code(
             send_at=now,
             dedupe_key=f"otp:{code_id}",
             time_critical=True,
+            expires_at=now + timedelta(seconds=CODE_TTL_S),  # a dead code is not sent
         )
     if message_id is not None:
         await enqueue_after_commit(redis, [message_id], now)

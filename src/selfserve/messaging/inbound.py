@@ -16,7 +16,7 @@ import asyncpg
 import structlog
 from twilio.twiml.messaging_response import MessagingResponse
 
-from selfserve.db import Conn, transaction
+from selfserve.db import Conn, in_transaction_with_retry, transaction
 from selfserve.logs import mask_phone
 from selfserve.messaging.keywords import Classified, Intent, classify, guess_locale
 from selfserve.messaging.templates import pick_locale, render
@@ -111,16 +111,20 @@ async def handle_inbound(
 
     The MessageSid row is claimed in the same transaction as every effect, so a
     replayed webhook (Twilio retries on timeouts) changes nothing and gets the
-    answer the first delivery got.
+    answer the first delivery got. A deadlock or serialization failure (a cancel
+    it triggers meets a concurrent writer) rolls all of it back, the claim included,
+    and the whole transaction runs again: the message is applied once, and Twilio
+    gets its answer rather than a 500.
     """
-    async with transaction(pool) as conn:
+
+    async def apply(conn: Conn) -> tuple[str | None, InboundSms | None, bool]:
         inbound_id = await conn.fetchval(CLAIM_SQL, message_sid, phone, to, body)
         if inbound_id is None:
             replayed: str | None = await conn.fetchval(REPLAYED_SQL, message_sid)
-            log.info("sms_replayed", message_sid=message_sid)
-            return twiml(replayed)
+            return replayed, None, False
         known_locale = await conn.fetchval(CUSTOMER_LOCALE_SQL, phone)
         locale = pick_locale(known_locale or guess_locale(body))
+        # Built afresh on each attempt: outbox rows of a rolled-back try are gone.
         sms = InboundSms(
             message_sid, phone, to, body, locale, classify(body), settings or Settings()
         )
@@ -131,6 +135,12 @@ async def handle_inbound(
             await conn.execute(INBOX_SQL, inbound_id, phone, body, locale)
             reply = render("received_reply", locale).body
         await conn.execute(RECORD_SQL, inbound_id, sms.classified.intent, locale, reply, handled)
+        return reply, sms, handled
+
+    reply, sms, handled = await in_transaction_with_retry(pool, apply)
+    if sms is None:
+        log.info("sms_replayed", message_sid=message_sid)
+        return twiml(reply)
     if redis is not None and sms.outbox:
         from selfserve.messaging.service import enqueue_after_commit  # imports this module
 

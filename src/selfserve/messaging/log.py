@@ -19,7 +19,15 @@ from selfserve.openapi_util import problems
 from selfserve.phones import normalise_phone
 
 MessageStatus = Literal[
-    "pending", "sending", "sent", "delivered", "undelivered", "failed", "canceled", "skipped"
+    "pending",
+    "sending",
+    "sent",
+    "delivered",
+    "undelivered",
+    "failed",
+    "canceled",
+    "skipped",
+    "expired",
 ]
 # Templates whose body carries a secret; the log never shows it.
 SECRET_TEMPLATES = frozenset({"sign_in_code"})
@@ -43,6 +51,8 @@ class MessageEntry(msgspec.Struct, kw_only=True):
     send_at: datetime
     sent_at: datetime | None
     created_at: datetime
+    # Not sent after this instant ('expired' then); null: no deadline.
+    expires_at: datetime | None = None
 
 
 class MessagePage(msgspec.Struct):
@@ -58,7 +68,7 @@ def masked_body(template: str, body: str) -> str:
 
 LOG_SQL = """
 SELECT id, phone, branch_id, template, locale, body, segments, encoding, time_critical, status,
-       attempts, error_code, error_message, send_at, sent_at, created_at
+       attempts, error_code, error_message, send_at, sent_at, created_at, expires_at
 FROM messages
 WHERE ($1::text IS NULL OR phone = $1)
   AND ($2::text IS NULL OR status = $2)

@@ -22,6 +22,8 @@ class ClaimedMessage(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int
     maybe_sent: bool
     created_at: datetime
+    expires_at: datetime | None = None
+    past_deadline: bool = False
 
 
 class SmsRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -6,13 +6,13 @@ from __future__ import annotations
 MESSAGE_COLUMNS = (
     "id, dedupe_key, customer_id, phone, branch_id, template, locale, body, segments, "
     "encoding, time_critical, send_at, status, attempts, provider_sid, error_code, "
-    "error_message, created_at, updated_at, sent_at"
+    "error_message, created_at, updated_at, sent_at, expires_at"
 )
 
 INSERT_MESSAGE = """
 INSERT INTO messages (dedupe_key, customer_id, phone, branch_id, template, locale, body,
-    segments, encoding, time_critical, send_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+    segments, encoding, time_critical, send_at, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 ON CONFLICT (dedupe_key) DO NOTHING
 RETURNING id
 """
@@ -45,7 +45,8 @@ WHERE id = $1 AND status = 'pending'
 # Take the row for one send: a due pending row, or a 'sending' row whose claim is
 # older than the lease (its worker died). Reclaiming such a row sets `maybe_sent`:
 # nobody knows whether its request reached the provider. In SET, `status` is still
-# the old value.
+# the old value. `past_deadline`: its `expires_at` has passed (the job then sends
+# nothing; see MARK_EXPIRED).
 CLAIM = """
 UPDATE messages m
 SET status = 'sending',
@@ -58,7 +59,7 @@ WHERE m.id = $1
   AND (m.status = 'pending'
        OR (m.status = 'sending' AND m.claimed_at < now() - make_interval(secs => $2)))
 RETURNING m.id, m.phone, m.body, m.branch_id, m.time_critical, m.attempts, m.maybe_sent,
-    m.created_at,
+    m.created_at, m.expires_at, coalesce(m.expires_at <= now(), false) AS past_deadline,
     (SELECT b.timezone FROM branches b WHERE b.id = m.branch_id) AS branch_timezone
 """
 # Why a job found nothing to claim.
@@ -92,6 +93,30 @@ SET status = 'failed', claimed_at = NULL, maybe_sent = false, error_code = $3,
     error_message = $4, updated_at = now()
 WHERE id = $1 AND status = 'sending' AND attempts = $2
 RETURNING phone
+"""
+# Its deadline passed before it went out: final, never sent; the claim did not count.
+MARK_EXPIRED = """
+UPDATE messages
+SET status = 'expired', attempts = attempts - 1, claimed_at = NULL, maybe_sent = false,
+    error_code = 'deadline_passed', error_message = $3, updated_at = now()
+WHERE id = $1 AND status = 'sending' AND attempts = $2
+"""
+# Pending rows whose deadline passed, expired in pages by the sweep (the send job
+# expires its own row when it claims it).
+EXPIRE_PENDING = """
+UPDATE messages
+SET status = 'expired', claimed_at = NULL, error_code = 'deadline_passed',
+    error_message = 'not sent by its deadline ' || to_char(expires_at AT TIME ZONE 'UTC',
+        'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+    updated_at = now()
+WHERE id IN (
+    SELECT id FROM messages
+    WHERE status = 'pending' AND expires_at <= now()
+    ORDER BY expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id
 """
 # Back to pending until `send_at`, after a retryable error ($3 seconds of backoff).
 RETRY_LATER = """

@@ -32,6 +32,17 @@ How a message is never doubled
   message whose answer was lost is sent again: at-least-once at the provider
   boundary, as any HTTP API without idempotency keys allows (Twilio's create has
   none). Outside these cases each message is handed to the provider once.
+
+How a late message is dropped
+  A message that is only worth something at its moment ("go to counter 3 now",
+  "your turn is near", a sign-in code, a waitlist offer) carries a deadline,
+  `expires_at`, set when the row is written. A job that claims the row after it
+  sends nothing and records it 'expired' (error_code 'deadline_passed'); a quiet-hours
+  hold that would end after it expires the row at once; the sweep expires pending
+  rows past their deadline without enqueueing them. A row whose earlier attempt may
+  have reached the provider (`maybe_sent`) is first looked up there, and recorded
+  sent if it was. So after an outage the worker catches up on what still matters
+  and drops the rest.
 """
 
 from __future__ import annotations
@@ -123,14 +134,19 @@ async def queue_message(
     branch_id: int | None = None,
     customer_id: int | None = None,
     time_critical: bool = False,
+    expires_at: datetime | None = None,
 ) -> int | None:
     """Write one outbox row in the caller's transaction; None if `dedupe_key` exists.
 
     The body is rendered by the caller and stored as is; only `rewrite_messages` (its
-    cause changed while it was pending) renders it again. After the transaction commits, pass the id to `enqueue_after_commit`.
+    cause changed while it was pending) renders it again. `expires_at`: the deadline
+    after which the message is dropped unsent (recorded 'expired'); None: no deadline.
+    After the transaction commits, pass the id to `enqueue_after_commit`.
     """
     if send_at.tzinfo is None:
         raise ValueError("send_at must be timezone-aware")
+    if expires_at is not None and expires_at.tzinfo is None:
+        raise ValueError("expires_at must be timezone-aware")
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown SMS encoding {encoding!r}")
     if locale not in LOCALES:
@@ -148,6 +164,7 @@ async def queue_message(
         encoding,
         time_critical,
         send_at,
+        expires_at,
     )
     return message_id
 
@@ -164,6 +181,7 @@ async def queue_template(
     branch_id: int | None = None,
     customer_id: int | None = None,
     time_critical: bool = False,
+    expires_at: datetime | None = None,
 ) -> int | None:
     """Render a template now and write its outbox row (see `queue_message`)."""
     sms = render(template, locale, **params)
@@ -180,6 +198,7 @@ async def queue_template(
         branch_id=branch_id,
         customer_id=customer_id,
         time_critical=time_critical,
+        expires_at=expires_at,
     )
 
 
@@ -318,6 +337,9 @@ async def send_message(ctx: dict[str, Any], message_id: int) -> str:
     msg = to_struct(row, ClaimedMessage)
     bound = log.bind(message_id=msg.id, phone=mask_phone(msg.phone), attempt=msg.attempts)
 
+    if msg.past_deadline:
+        return await _past_deadline(pool, transport, msg)
+
     if await pool.fetchval(q.IS_OPTED_OUT, msg.phone):
         await pool.execute(q.MARK_SKIPPED, msg.id, msg.attempts, "opted_out")
         bound.info("sms_skipped", reason="opted_out")
@@ -332,6 +354,9 @@ async def send_message(ctx: dict[str, Any], message_id: int) -> str:
             parse_clock(settings.quiet_hours_end),
         )
         if allowed > now:
+            if msg.expires_at is not None and allowed >= msg.expires_at:
+                await _expire(pool, msg, "quiet hours last past its deadline")
+                return "expired"
             await pool.execute(q.DEFER, msg.id, msg.attempts, allowed)
             bound.info("sms_quiet_hours", until=allowed.isoformat())
             raise Retry(defer=allowed - now)  # the same job, again in the morning
@@ -355,6 +380,29 @@ async def send_message(ctx: dict[str, Any], message_id: int) -> str:
     await _mark_sent(pool, msg, receipt, sent_at=None)
     bound.info("sms_sent", provider_sid=receipt.provider_sid, transport=transport.name)
     return "sent"
+
+
+async def _expire(pool: asyncpg.Pool, msg: ClaimedMessage, why: str) -> None:
+    deadline = msg.expires_at.isoformat() if msg.expires_at is not None else "?"
+    await pool.execute(q.MARK_EXPIRED, msg.id, msg.attempts, f"{why} (deadline {deadline})")
+    log.info("sms_expired", message_id=msg.id, phone=mask_phone(msg.phone), reason=why)
+
+
+async def _past_deadline(pool: asyncpg.Pool, transport: SmsTransport, msg: ClaimedMessage) -> str:
+    """Claimed after its deadline: never sent now. If an earlier attempt may have
+    reached the provider, what the provider holds decides between sent and expired."""
+    if msg.maybe_sent:
+        request = SmsRequest(message_id=msg.id, phone=msg.phone, body=msg.body)
+        try:
+            receipt = await _earlier_send(pool, transport, msg, request)
+        except ProviderUnavailable as exc:
+            return await _retry_later(pool, msg, exc)
+        if receipt is not None:
+            await _mark_sent(pool, msg, receipt, sent_at=receipt.created_at)
+            log.info("sms_found_already_sent", message_id=msg.id, provider_sid=receipt.provider_sid)
+            return "sent"
+    await _expire(pool, msg, "not sent by its deadline")
+    return "expired"
 
 
 async def _unclaimed(pool: asyncpg.Pool, message_id: int) -> str:
@@ -445,6 +493,20 @@ async def _retry_later(pool: asyncpg.Pool, msg: ClaimedMessage, exc: ProviderUna
 # --- the sweep ------------------------------------------------------------------
 
 
+async def expire_overdue(pool: asyncpg.Pool) -> int:
+    """Record every pending row whose deadline passed as 'expired' (never sent);
+    returns how many. Rows a job holds are left to that job."""
+    expired = 0
+    while expired < SWEEP_MAX_ROWS:
+        rows = await pool.fetch(q.EXPIRE_PENDING, SWEEP_PAGE)
+        expired += len(rows)
+        if len(rows) < SWEEP_PAGE:
+            break
+    if expired:
+        log.info("sms_expired_swept", count=expired)
+    return expired
+
+
 async def sweep_outbox(ctx: dict[str, Any]) -> int:
     """arq cron: enqueue every pending row due now (or within the next minute) and
     every row whose claim outlived the lease. Jobs already queued are left alone
@@ -452,6 +514,7 @@ async def sweep_outbox(ctx: dict[str, Any]) -> int:
     pool: asyncpg.Pool = ctx["pool"]
     redis: ArqRedis = ctx["redis"]
     settings: Settings = ctx["settings"]
+    await expire_overdue(pool)
     queued = 0
     seen = 0
     after: tuple[datetime, int] = (datetime(1, 1, 1, tzinfo=UTC), 0)

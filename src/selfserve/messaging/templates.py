@@ -43,6 +43,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "queue_status_reply": frozenset({"ticket", "ahead", "eta"}),
     "queue_status_none_reply": frozenset(),
     "survey_thanks_reply": frozenset(),
+    "ticket_closed": frozenset({"ticket", "branch"}),
 }
 
 # GSM 03.38 default alphabet; the extension table costs two septets per character.

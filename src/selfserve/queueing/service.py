@@ -33,7 +33,7 @@ from selfserve.auth.tokens import Principal
 from selfserve.db import Conn, Record
 from selfserve.errors import Conflict, Forbidden, InvalidInput, NotFound
 from selfserve.messaging import inbound
-from selfserve.messaging.service import enqueue_after_commit, queue_template
+from selfserve.messaging.service import cancel_messages, enqueue_after_commit, queue_template
 from selfserve.messaging.templates import DEFAULT_LOCALE, pick_locale, render
 from selfserve.phones import normalise_phone
 from selfserve.queueing import eta as eta_model
@@ -705,7 +705,8 @@ async def set_counter_open(
 def call_next_sql() -> str:
     order = call_policy.sql_order_by("$3", "$4")
     return f"""
-UPDATE tickets SET status = 'called', counter_id = $5, called_at = $6, updated_at = now()
+UPDATE tickets SET status = 'called', counter_id = $5, called_at = $6, calls = calls + 1,
+    updated_at = now()
 WHERE id = (
     SELECT id FROM tickets
     WHERE branch_id = $1 AND status = 'waiting' AND service_id = ANY($2::bigint[])
@@ -757,7 +758,7 @@ async def call_next(
             raise Conflict(code="no_ticket_waiting")
         row = await ticket_row(conn, ticket_id)
         outbox: Outbox = []
-        await _text_called(conn, row, counter["name"], now, outbox)
+        await _text_called(conn, row, counter["name"], now, settings, outbox)
         log.info("ticket_called", ticket_id=ticket_id, counter_id=counter_id)
         return Changed(ticket_out(row, None, locale), row["branch_id"], called=True, outbox=outbox)
 
@@ -794,13 +795,13 @@ async def act(
         if action == "recall":
             _expect(status, "called")
             await conn.execute(
-                "UPDATE tickets SET recalls = recalls + 1, called_at = $2, updated_at = now() "
-                "WHERE id = $1",
+                "UPDATE tickets SET recalls = recalls + 1, calls = calls + 1, called_at = $2, "
+                "updated_at = now() WHERE id = $1",
                 ticket_id,
                 now,
             )
             called = True
-            await _text_called(conn, row, row["counter_name"], now, outbox)
+            await _text_called(conn, row, row["counter_name"], now, settings, outbox)
         elif action == "start":
             _expect(status, "called")
             await conn.execute(
@@ -883,6 +884,8 @@ async def transfer(
             data.queue_id,
             service_id,
         )
+        # A "go to counter" text not yet out names a counter the ticket has left.
+        await cancel_messages(conn, _call_texts(ticket_id))
         out = await view_ticket(conn, ticket_id, now, config_of(settings), locale)
         return Changed(out, row["branch_id"])
 
@@ -931,20 +934,38 @@ async def _locale_of(conn: Conn, row: Record) -> str:
     return DEFAULT_LOCALE
 
 
+# The phone's language, for texts written outside this module (the sweeps).
+locale_of = _locale_of
+
+
+def _call_texts(ticket_id: int) -> str:
+    """The dedupe-key prefix of a ticket's call texts: one key per call, numbered by
+    `tickets.calls`, which counts every call and recall and never goes back (a
+    transfer resets `recalls`, not `calls`), so each call is texted exactly once."""
+    return f"ticket:{ticket_id}:call:"
+
+
 async def _text_called(
-    conn: Conn, row: Record, counter_name: str | None, now: datetime, outbox: Outbox
+    conn: Conn,
+    row: Record,
+    counter_name: str | None,
+    now: datetime,
+    settings: Settings,
+    outbox: Outbox,
 ) -> None:
     if row["phone"] is None:
         return
-    recall = await conn.fetchval("SELECT recalls FROM tickets WHERE id = $1", row["id"])
+    # Read after this call's UPDATE (the row passed in may predate it).
+    call = await conn.fetchval("SELECT calls FROM tickets WHERE id = $1", row["id"])
     await _text_ticket(
         conn,
         row,
         "ticket_called",
         {"ticket": row["display_code"], "counter": counter_name or ""},
-        f"ticket:{row['id']}:called:{recall}",
+        f"{_call_texts(row['id'])}{call}",
         now,
         outbox,
+        expires_at=now + timedelta(minutes=settings.queue_text_ttl_min),
     )
 
 
@@ -956,8 +977,11 @@ async def _text_ticket(
     dedupe_key: str,
     now: datetime,
     outbox: Outbox,
+    *,
+    expires_at: datetime,
 ) -> None:
-    """A time-critical text to the ticket's phone now, through the outbox."""
+    """A time-critical text to the ticket's phone now, through the outbox; dropped
+    unsent (recorded 'expired') if it has not gone out by `expires_at`."""
     message_id = await queue_template(
         conn,
         template,
@@ -969,6 +993,7 @@ async def _text_ticket(
         branch_id=row["branch_id"],
         customer_id=row["customer_id"],
         time_critical=True,
+        expires_at=expires_at,
     )
     outbox.append((message_id, now))
 
@@ -1016,7 +1041,7 @@ async def text_turn_near(
 
     async def tx(conn: Conn) -> Outbox:
         outbox: Outbox = []
-        await _text_near(conn, branch_id, near, aged, due, now, outbox)
+        await _text_near(conn, branch_id, near, aged, due, now, settings, outbox)
         return outbox
 
     outbox = await db.in_transaction_with_retry(pool, tx)
@@ -1031,8 +1056,10 @@ async def _text_near(
     aged: datetime,
     due: datetime,
     now: datetime,
+    settings: Settings,
     outbox: Outbox,
 ) -> None:
+    expires_at = now + timedelta(minutes=settings.queue_text_ttl_min)
     for r in await conn.fetch(TURN_NEAR, branch_id, near, aged, due):
         await _text_ticket(
             conn,
@@ -1042,6 +1069,7 @@ async def _text_near(
             f"ticket:{r['id']}:turn_near",
             now,
             outbox,
+            expires_at=expires_at,
         )
 
 
@@ -1215,30 +1243,3 @@ async def board_snapshot(
             for tid, p in placed.items()
         },
     }
-
-
-# --- sweeps (arq cron) -------------------------------------------------------------
-
-CLOSE_YESTERDAY = """
-WITH stale AS (
-    SELECT t.id, t.status FROM tickets t JOIN branches b ON b.id = t.branch_id
-    WHERE t.status IN ('waiting', 'called', 'serving')
-      AND t.local_date < ($1::timestamptz AT TIME ZONE b.timezone)::date
-    FOR UPDATE OF t SKIP LOCKED
-)
-UPDATE tickets t
-SET status = CASE WHEN stale.status = 'serving' THEN 'done' ELSE 'cancelled' END,
-    ended_at = $1, updated_at = now()
-FROM stale WHERE t.id = stale.id
-"""
-
-
-async def close_stale_tickets(ctx: dict[str, Any]) -> int:
-    """Tickets left open from an earlier branch-local day are closed (waiting and
-    called ones cancelled, one still being served done), so yesterday's leftovers
-    never count in today's places and waits."""
-    result: str = await ctx["pool"].execute(CLOSE_YESTERDAY, utcnow())
-    closed = int(result.split()[-1])
-    if closed:
-        log.info("stale_tickets_closed", count=closed)
-    return closed

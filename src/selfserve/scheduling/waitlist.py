@@ -224,6 +224,7 @@ class _Matcher:
             branch_id=entry["branch_id"],
             customer_id=entry["customer_id"],
             time_critical=True,
+            expires_at=hold.expires_at,  # the offer lapses with its hold
         )
         self.outbox.append((message_id, self.now))
 
