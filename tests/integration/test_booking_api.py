@@ -289,11 +289,13 @@ async def test_reschedule_into_a_full_slot_keeps_the_old_one(
     assert await remaining(client, bid, sid, free) == 0
     # pending reminders moved with it
     rows = await pool.fetch(
-        "SELECT dedupe_key, send_at FROM messages WHERE dedupe_key LIKE $1 "
+        "SELECT dedupe_key, send_at, expires_at FROM messages WHERE dedupe_key LIKE $1 "
         "AND status = 'pending' AND template IN ('reminder', 'confirm_request') ORDER BY send_at",
         f"booking:{booking['id']}:%",
     )
     assert [r["send_at"] for r in rows] == [free - timedelta(hours=24), free - timedelta(hours=2)]
+    # and so did their deadline: a reminder not out by the new start is never sent
+    assert [r["expires_at"] for r in rows] == [free, free]
     await invariant_holds(pool)
 
 
@@ -310,6 +312,15 @@ async def test_reminders_land_exactly_24h_and_2h_before_and_skip_the_past(
     booking = (await book(client, token, bid, sid, far)).json()
     sent = await messages_of(pool, booking["id"])
     assert set(sent) == {"confirmation", "reminder_24h", "reminder_2h"}
+    deadlines = {
+        r["dedupe_key"].split(":")[2]: r["expires_at"]
+        for r in await pool.fetch(
+            "SELECT dedupe_key, expires_at FROM messages WHERE dedupe_key LIKE $1",
+            f"booking:{booking['id']}:reminder%",
+        )
+    }
+    # a reminder held up (an outage, quiet hours) past the appointment is dropped
+    assert deadlines == {"reminder_24h": far, "reminder_2h": far}
     assert sent["reminder_24h"] == far - timedelta(hours=24)
     assert sent["reminder_2h"] == far - timedelta(hours=2)
     assert booked_at <= sent["confirmation"] <= datetime.now(UTC)

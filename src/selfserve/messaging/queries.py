@@ -25,7 +25,7 @@ WHERE dedupe_key LIKE $1 AND status = 'pending'
 RETURNING id
 """
 RESCHEDULE_PENDING = """
-UPDATE messages SET send_at = $2, updated_at = now()
+UPDATE messages SET send_at = $2, expires_at = coalesce($3, expires_at), updated_at = now()
 WHERE dedupe_key LIKE $1 AND status = 'pending'
 RETURNING id
 """

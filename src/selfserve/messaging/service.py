@@ -217,12 +217,21 @@ async def cancel_messages(conn: Conn, dedupe_prefix: str) -> list[int]:
     return [r["id"] for r in rows]
 
 
-async def reschedule_messages(conn: Conn, dedupe_prefix: str, new_send_at: datetime) -> list[int]:
-    """Move the pending messages under `dedupe_prefix` to `new_send_at`, in the caller's
-    transaction. After commit, pass the ids and time to `enqueue_after_commit`."""
-    if new_send_at.tzinfo is None:
-        raise ValueError("new_send_at must be timezone-aware")
-    rows = await conn.fetch(q.RESCHEDULE_PENDING, _like_prefix(dedupe_prefix), new_send_at)
+async def reschedule_messages(
+    conn: Conn,
+    dedupe_prefix: str,
+    new_send_at: datetime,
+    *,
+    new_expires_at: datetime | None = None,
+) -> list[int]:
+    """Move the pending messages under `dedupe_prefix` to `new_send_at` (and their
+    deadline to `new_expires_at` when given), in the caller's transaction. After
+    commit, pass the ids and time to `enqueue_after_commit`."""
+    if new_send_at.tzinfo is None or (new_expires_at is not None and new_expires_at.tzinfo is None):
+        raise ValueError("new_send_at and new_expires_at must be timezone-aware")
+    rows = await conn.fetch(
+        q.RESCHEDULE_PENDING, _like_prefix(dedupe_prefix), new_send_at, new_expires_at
+    )
     return [r["id"] for r in rows]
 
 

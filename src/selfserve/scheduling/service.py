@@ -341,6 +341,8 @@ async def _queue_reminder(
         dedupe_key=f"booking:{booking['id']}:{reminder.kind}:{start_key}",
         branch_id=booking["branch_id"],
         customer_id=booking["customer_id"],
+        # a reminder that could not go out before the appointment began is dropped
+        expires_at=booking["starts_at"],
     )
     outbox.append((message_id, send_at))
 
@@ -625,7 +627,9 @@ async def reschedule_booking(
             if send_at <= now:
                 await cancel_messages(conn, prefix)
                 continue
-            ids = await reschedule_messages(conn, prefix, send_at)
+            ids = await reschedule_messages(
+                conn, prefix, send_at, new_expires_at=moved["starts_at"]
+            )
             outbox.extend((i, send_at) for i in ids)
             if not ids and moved["phone"] is not None:
                 locale = DEFAULT_LOCALE
