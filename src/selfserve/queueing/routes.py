@@ -149,6 +149,7 @@ class TicketController(Controller):
             now=svc.utcnow(),
             settings=settings,
             locale=_locale(request),
+            redis=redis,
         )
         if not replayed:
             await live.publish_branch(request.app, pool, settings, branch_id, now=svc.utcnow())

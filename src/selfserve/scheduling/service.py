@@ -29,6 +29,13 @@ Choices worth knowing
 - Repeated no-shows: a customer (or a walk-in phone at a kiosk) with
   `SELFSERVE_NO_SHOW_LIMIT` no-shows in the window gets 403
   `staff_booking_required` for holds, bookings and the waitlist; staff book for them.
+  A customer account counts only the bookings it made itself: bookings made at a
+  kiosk under its phone (an unverified number anyone can type) count against that
+  phone at kiosks, never against the account.
+- Abuse limits (`limits.py`): live holds, upcoming bookings per branch, service and
+  day, and waitlist entries per customer (bookings also per walk-in phone), checked
+  under a per-owner advisory lock in the same transaction; a booking with a phone
+  typed by a kiosk or staff counts against the SMS limits before it commits.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import msgspec
 import structlog
 from arq.connections import ArqRedis
 
-from selfserve import db, idempotency
+from selfserve import db, idempotency, limits
 from selfserve.auth.tokens import Principal
 from selfserve.db import Conn, Record
 from selfserve.errors import (
@@ -150,7 +157,9 @@ async def _check_no_show_rule(
     if policy.no_show_limit <= 0 or principal.role in STAFF_ROLES:
         return
     customer_id = principal.id if principal.kind == "customer" else None
-    if customer_id is None and phone is None:
+    if customer_id is not None:
+        phone = None  # an account answers only for the bookings it made itself
+    elif phone is None:
         return
     count = await conn.fetchval(
         q.RECENT_NO_SHOWS, customer_id, phone, now - policy.no_show_window, policy.no_show_limit
@@ -221,6 +230,7 @@ async def create_hold(
 
     async def work(conn: Conn, outbox: Outbox) -> HoldOut:
         await _check_no_show_rule(conn, principal, policy, now, phone=None)
+        await limits.check_holds(conn, principal, policy.quotas.active_holds, now)
         ctx = await load_context(conn, data.branch_id, data.service_id)
         check_party(ctx, data.party_size)
         candidates = await find_resources(conn, ctx, data.start, data.party_size, now)
@@ -429,6 +439,7 @@ async def create_booking(
     async def work(conn: Conn, outbox: Outbox) -> BookingOut:
         phone, locale = await _contact(conn, principal, data.phone)
         await _check_no_show_rule(conn, principal, policy, now, phone=phone)
+        owner = limits.owner_of(principal, phone)
         if data.hold_id is not None:
             hold = await conn.fetchrow(q.HOLD_FOR_BOOKING, data.hold_id)
             mine = hold is not None and (
@@ -439,6 +450,16 @@ async def create_booking(
             if hold is None or not mine:
                 raise NotFound()
             ctx = await load_context(conn, hold["branch_id"], hold["service_id"])
+            await limits.check_bookings(
+                conn,
+                owner,
+                policy.quotas.bookings_per_day,
+                branch_id=hold["branch_id"],
+                service_id=hold["service_id"],
+                start=hold["starts_at"],
+                timezone=ctx.timezone,
+                now=now,
+            )
             status: ledger.BookingStatus = (
                 "pending_payment" if ctx.deposit_minor > 0 else "confirmed"
             )
@@ -453,6 +474,16 @@ async def create_booking(
             party = data.party_size or 1
             ctx = await load_context(conn, data.branch_id, data.service_id)
             check_party(ctx, party)
+            await limits.check_bookings(
+                conn,
+                owner,
+                policy.quotas.bookings_per_day,
+                branch_id=data.branch_id,
+                service_id=data.service_id,
+                start=data.start,
+                timezone=ctx.timezone,
+                now=now,
+            )
             status = "pending_payment" if ctx.deposit_minor > 0 else "confirmed"
             candidates = await find_resources(conn, ctx, data.start, party, now)
             start = data.start.astimezone(UTC)
@@ -474,6 +505,8 @@ async def create_booking(
             booking = await first_that_fits(candidates, attempt)
         row = await _booking_row(conn, booking.id)
         if phone is not None:
+            # A number typed at a kiosk or desk: refused here (429) rolls it all back.
+            await limits.count_text(redis, policy.quotas, principal, phone, now)
             await _queue_booking_messages(conn, outbox, row, phone, locale, now, policy)
         return booking_out(row)
 
@@ -638,6 +671,7 @@ async def join_waitlist(
 
     async def work(conn: Conn, outbox: Outbox) -> WaitlistOut:
         await _check_no_show_rule(conn, principal, policy, now, phone=None)
+        await limits.check_waitlist(conn, principal, policy.quotas.waitlist_entries)
         ctx = await load_context(conn, data.branch_id, data.service_id)
         check_party(ctx, data.party_size)
         earliest_at, latest_at = waitlist.window_instants(
