@@ -58,6 +58,10 @@ CONFLICTS = (
 NO_SHOWS = (
     "`staff_booking_required` (repeated no-shows: staff book for this customer), `branch_forbidden`"
 )
+TEXTS = (
+    "`sms_limit_reached` (a phone typed by a kiosk or staff: too many texts to that number, "
+    "from this device or today; nothing was written; wait `Retry-After` or send no `phone`)"
+)
 REPLAYED = "Idempotent-Replayed"
 
 
@@ -110,7 +114,16 @@ class HoldController(Controller):
         "/",
         operation_id="createHold",
         summary="Hold a slot for a few minutes (customer, kiosk or staff)",
-        responses=problems(401, 403, 404, 409, 413, 422, s403=NO_SHOWS, s409=CONFLICTS),
+        responses=problems(
+            401,
+            403,
+            404,
+            409,
+            413,
+            422,
+            s403=NO_SHOWS,
+            s409=CONFLICTS + ", `too_many_holds` (a customer's live holds are at the limit)",
+        ),
     )
     async def create(
         self,
@@ -143,7 +156,20 @@ class BookingController(Controller):
         description="Kiosks and staff book for someone else and may send their `phone` "
         "(texted the confirmation and reminders). A customer with repeated no-shows gets "
         "403 `staff_booking_required`; staff can still book for them.",
-        responses=problems(401, 403, 404, 409, 413, 422, s403=NO_SHOWS, s409=CONFLICTS),
+        responses=problems(
+            401,
+            403,
+            404,
+            409,
+            413,
+            422,
+            429,
+            503,
+            s403=NO_SHOWS,
+            s409=CONFLICTS + ", `too_many_bookings` (the customer, or the walk-in phone, has "
+            "as many upcoming bookings of this service at this branch that day as allowed)",
+            s429=TEXTS,
+        ),
         guards=[require(*BOOKERS)],
     )
     async def create(
@@ -259,7 +285,15 @@ class WaitlistController(Controller):
         "pass it on. A free seat already there is offered at once. One open entry per "
         "service and day: a second is 409 `already_waitlisted`.",
         responses=problems(
-            401, 403, 404, 409, 413, 422, s403=NO_SHOWS, s409="`already_waitlisted`"
+            401,
+            403,
+            404,
+            409,
+            413,
+            422,
+            s403=NO_SHOWS,
+            s409="`already_waitlisted`, `too_many_waitlist_entries` (as many open entries "
+            "as allowed)",
         ),
     )
     async def join(
