@@ -15,6 +15,7 @@ import httpx
 import pytest
 from arq.connections import ArqRedis
 from litestar import Litestar
+from redis.asyncio import Redis
 
 from selfserve.app import create_app
 from selfserve.scheduling import ledger
@@ -353,3 +354,26 @@ async def test_no_shows_booked_under_a_typed_phone_do_not_block_its_account(
     )
     resp = await book(client, token, bid, sid, local_slot(5))
     assert (resp.status_code, resp.json()["code"]) == (403, "staff_booking_required")
+
+
+async def test_texts_to_typed_numbers_are_refused_when_redis_cannot_count_them(
+    module_env: ModuleEnv, pool: asyncpg.Pool
+) -> None:
+    """The SMS limits fail closed: no Redis, no booking with a typed phone (503), and
+    nothing written; without a phone the booking goes through."""
+    bid, sid, _ = await seed(pool, capacity=5)
+    kiosk_token = await kiosk(pool, module_env, bid)
+    dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    app = create_app(module_env.settings, pool=pool, redis=dead)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t.local") as client:
+            phone = "+8613730000001"
+            resp = await book(client, kiosk_token, bid, sid, local_slot(3), phone=phone)
+            assert (resp.status_code, resp.json()["code"]) == (503, "service_unavailable")
+            assert await pool.fetchval("SELECT count(*) FROM bookings WHERE phone = $1", phone) == 0
+            assert await _texts_to(pool, phone) == 0
+            resp = await book(client, kiosk_token, bid, sid, local_slot(3))
+            assert resp.status_code == 201, resp.text
+    finally:
+        await dead.aclose()
