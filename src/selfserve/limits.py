@@ -9,9 +9,14 @@ Holding limits (409 with a stable code, `max` in the problem):
 
 The owner is the customer account (rows with its `customer_id`) or, for a kiosk acting
 for a walk-in, the phone it typed (rows made for that phone without an account). Staff
-are not limited, nor a kiosk that gives no phone. Each check first takes a transaction
-advisory lock keyed by the owner, so concurrent requests of one owner run their count
-and their insert one after another and can never pass the limit together.
+are not limited, nor a kiosk that gives no phone. A check runs after the row is written,
+in the same transaction (so a refusal for the request itself, e.g. `slot_full`, comes
+first): it takes a transaction advisory lock keyed by the owner, then counts the
+owner's rows, the new one included; over the limit it raises and the whole
+transaction rolls back. Concurrent requests of one owner queue on the lock, each
+counting after the one before it committed (READ COMMITTED takes a new snapshot per
+statement), so they can never pass the limit together. The lock is taken after the
+transaction's last row lock, so it cannot close a deadlock.
 
 Texts to typed numbers (429 `sms_limit_reached` with `Retry-After`, `limit` in the
 problem): a booking or ticket with a phone typed by a kiosk or staff counts once
@@ -109,7 +114,7 @@ async def check_holds(conn: Conn, principal: Principal, limit: int, now: datetim
     if owner is None or owner.kind != "customer":
         return
     await lock(conn, owner)
-    if await conn.fetchval(ACTIVE_HOLDS, owner.value, now) >= limit:
+    if await conn.fetchval(ACTIVE_HOLDS, owner.value, now) > limit:
         raise _refuse("too_many_holds", limit)
 
 
@@ -149,7 +154,7 @@ async def check_bookings(
     count = await conn.fetchval(
         _bookings_on_day(owner), owner.value, branch_id, service_id, begin, end, now
     )
-    if count >= limit:
+    if count > limit:
         raise _refuse("too_many_bookings", limit)
 
 
@@ -164,7 +169,7 @@ async def check_tickets(conn: Conn, owner: Owner | None, limit: int) -> None:
     if owner is None:
         return
     await lock(conn, owner)
-    if await conn.fetchval(_open_tickets(owner), owner.value) >= limit:
+    if await conn.fetchval(_open_tickets(owner), owner.value) > limit:
         raise _refuse("too_many_tickets", limit)
 
 
@@ -178,7 +183,7 @@ async def check_waitlist(conn: Conn, principal: Principal, limit: int) -> None:
     if owner is None or owner.kind != "customer":
         return
     await lock(conn, owner)
-    if await conn.fetchval(OPEN_WAITLIST_ENTRIES, owner.value) >= limit:
+    if await conn.fetchval(OPEN_WAITLIST_ENTRIES, owner.value) > limit:
         raise _refuse("too_many_waitlist_entries", limit)
 
 

@@ -83,7 +83,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Abuse limits (staff are not limited by the first four). Per customer account, or
     # per walk-in phone a kiosk books or queues for.
     max_active_holds: int = 2
-    max_bookings_per_day: int = 2  # upcoming, per branch, service and branch-local day
+    max_bookings_per_day: int = 3  # upcoming, per branch, service and branch-local day
     max_open_tickets: int = 2
     max_waitlist_entries: int = 5
     # Bookings and tickets with a phone typed at a kiosk or desk (unverified numbers)
@@ -259,7 +259,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         survey_delay_min=_int(env, "SELFSERVE_SURVEY_DELAY", 30, minimum=0),
         live_channel_prefix=_channel_prefix(env),
         max_active_holds=_int(env, "SELFSERVE_MAX_ACTIVE_HOLDS", 2),
-        max_bookings_per_day=_int(env, "SELFSERVE_MAX_BOOKINGS_PER_DAY", 2),
+        max_bookings_per_day=_int(env, "SELFSERVE_MAX_BOOKINGS_PER_DAY", 3),
         max_open_tickets=_int(env, "SELFSERVE_MAX_OPEN_TICKETS", 2),
         max_waitlist_entries=_int(env, "SELFSERVE_MAX_WAITLIST_ENTRIES", 5),
         sms_per_number_hour=_int(env, "SELFSERVE_SMS_PER_NUMBER_HOUR", 5),

@@ -63,12 +63,15 @@ def codes(responses: list[httpx.Response]) -> list[Any]:
 async def test_concurrent_holds_of_one_customer_stop_at_the_limit(
     client: httpx.AsyncClient, pool: asyncpg.Pool, module_env: ModuleEnv
 ) -> None:
-    bid, sid, _ = await seed(pool, capacity=5)
+    # At different branches: the requests share no row lock, only the owner's lock.
+    n = 10
+    places = [await seed(pool, capacity=5) for _ in range(n)]
+    bid, sid, _ = places[0]
     cid, _, token = await customer(pool, module_env)
-    n = 12
 
     async def hold(step: int) -> httpx.Response:
-        body = {"branch_id": bid, "service_id": sid, "start": iso(local_slot(3, step=step))}
+        b, s, _ = places[step % n]
+        body = {"branch_id": b, "service_id": s, "start": iso(local_slot(3, step=step))}
         return await client.post("/v1/holds", json=body, headers=bearer(token))
 
     results = await asyncio.gather(*(hold(i) for i in range(n)))
@@ -153,14 +156,28 @@ async def test_concurrent_tickets_stop_at_the_limit_per_customer_and_walk_in_pho
 ) -> None:
     h = await hall(pool, module_env, durations=(10, 20))
     _, _, remote = await queue_customer(pool, module_env)
-    n = 10
+    n = 8
+    # Queues of their own (display numbers are counted per prefix, under a row lock):
+    # the requests share no row lock, only the owner's lock.
+    for prefix in "CDEFGHIJ":
+        qid = await pool.fetchval(
+            "INSERT INTO queues (branch_id, name, prefix) VALUES ($1, $2, $2) RETURNING id",
+            h.branch_id,
+            prefix,
+        )
+        await pool.execute(
+            "INSERT INTO queue_services (queue_id, service_id) VALUES ($1, $2)",
+            qid,
+            h.services[0],
+        )
+        h.queues[prefix] = qid
 
     async def ticket(token: str, queue: str, **body: Any) -> httpx.Response:
         return await client.post(
             "/v1/tickets", json={"queue_id": h.queues[queue], **body}, headers=bearer(token)
         )
 
-    results = await asyncio.gather(*(ticket(remote, "AB"[i % 2]) for i in range(n)))
+    results = await asyncio.gather(*(ticket(remote, "CDEFGHIJ"[i]) for i in range(n)))
     assert codes(results) == [(201, None)] * TICKETS + [(409, "too_many_tickets")] * (n - TICKETS)
     # Leaving the queue frees a place.
     first = next(r.json() for r in results if r.status_code == 201)
@@ -170,7 +187,7 @@ async def test_concurrent_tickets_stop_at_the_limit_per_customer_and_walk_in_pho
     assert (await ticket(remote, "A")).status_code == 201
 
     phone = "+8613700000002"
-    results = await asyncio.gather(*(ticket(h.kiosk, "A", phone=phone) for _ in range(n)))
+    results = await asyncio.gather(*(ticket(h.kiosk, "CDEFGHIJ"[i], phone=phone) for i in range(n)))
     assert codes(results) == [(201, None)] * TICKETS + [(409, "too_many_tickets")] * (n - TICKETS)
     open_ = await pool.fetchval(
         "SELECT count(*) FROM tickets WHERE phone = $1 AND status = 'waiting'", phone

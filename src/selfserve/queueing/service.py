@@ -464,8 +464,8 @@ async def issue_ticket(
 ) -> tuple[TicketOut, int, bool]:
     """Returns (ticket, branch id, replayed).
 
-    Abuse limits (`limits.py`): open tickets per customer or walk-in phone, checked
-    under a per-owner advisory lock; a phone typed by a kiosk or staff counts against
+    Abuse limits (`limits.py`): open tickets per customer or walk-in phone, counted
+    after the insert under a per-owner advisory lock; a phone typed by a kiosk or staff counts against
     the SMS limits (429 `sms_limit_reached`) before the ticket commits."""
     config = config_of(settings)
     quotas = quotas_of(settings)
@@ -483,7 +483,6 @@ async def issue_ticket(
         if service_id not in services:
             raise InvalidInput.field("service_id", "not a service of this queue")
         customer_id, phone = await _contact(conn, principal, data.phone)
-        await limits.check_tickets(conn, limits.owner_of(principal, phone), quotas.open_tickets)
         ticket_id = await _issue(
             conn,
             queue=queue,
@@ -495,6 +494,7 @@ async def issue_ticket(
             customer_id=customer_id,
             phone=phone,
         )
+        await limits.check_tickets(conn, limits.owner_of(principal, phone), quotas.open_tickets)
         await limits.count_text(redis, quotas, principal, phone, now)
         return await view_ticket(conn, ticket_id, now, config, locale), queue["branch_id"]
 

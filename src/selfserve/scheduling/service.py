@@ -33,8 +33,9 @@ Choices worth knowing
   kiosk under its phone (an unverified number anyone can type) count against that
   phone at kiosks, never against the account.
 - Abuse limits (`limits.py`): live holds, upcoming bookings per branch, service and
-  day, and waitlist entries per customer (bookings also per walk-in phone), checked
-  under a per-owner advisory lock in the same transaction; a booking with a phone
+  day, and waitlist entries per customer (bookings also per walk-in phone), counted
+  after the write under a per-owner advisory lock in the same transaction (so a
+  refusal for the slot itself comes first); a booking with a phone
   typed by a kiosk or staff counts against the SMS limits before it commits.
 """
 
@@ -230,7 +231,6 @@ async def create_hold(
 
     async def work(conn: Conn, outbox: Outbox) -> HoldOut:
         await _check_no_show_rule(conn, principal, policy, now, phone=None)
-        await limits.check_holds(conn, principal, policy.quotas.active_holds, now)
         ctx = await load_context(conn, data.branch_id, data.service_id)
         check_party(ctx, data.party_size)
         candidates = await find_resources(conn, ctx, data.start, data.party_size, now)
@@ -249,6 +249,7 @@ async def create_hold(
             )
 
         hold = await first_that_fits(candidates, attempt)
+        await limits.check_holds(conn, principal, policy.quotas.active_holds, now)
         return HoldOut(
             id=hold.id,
             branch_id=hold.branch_id,
@@ -450,16 +451,6 @@ async def create_booking(
             if hold is None or not mine:
                 raise NotFound()
             ctx = await load_context(conn, hold["branch_id"], hold["service_id"])
-            await limits.check_bookings(
-                conn,
-                owner,
-                policy.quotas.bookings_per_day,
-                branch_id=hold["branch_id"],
-                service_id=hold["service_id"],
-                start=hold["starts_at"],
-                timezone=ctx.timezone,
-                now=now,
-            )
             status: ledger.BookingStatus = (
                 "pending_payment" if ctx.deposit_minor > 0 else "confirmed"
             )
@@ -474,16 +465,6 @@ async def create_booking(
             party = data.party_size or 1
             ctx = await load_context(conn, data.branch_id, data.service_id)
             check_party(ctx, party)
-            await limits.check_bookings(
-                conn,
-                owner,
-                policy.quotas.bookings_per_day,
-                branch_id=data.branch_id,
-                service_id=data.service_id,
-                start=data.start,
-                timezone=ctx.timezone,
-                now=now,
-            )
             status = "pending_payment" if ctx.deposit_minor > 0 else "confirmed"
             candidates = await find_resources(conn, ctx, data.start, party, now)
             start = data.start.astimezone(UTC)
@@ -504,6 +485,16 @@ async def create_booking(
 
             booking = await first_that_fits(candidates, attempt)
         row = await _booking_row(conn, booking.id)
+        await limits.check_bookings(
+            conn,
+            owner,
+            policy.quotas.bookings_per_day,
+            branch_id=row["branch_id"],
+            service_id=row["service_id"],
+            start=row["starts_at"],
+            timezone=row["timezone"],
+            now=now,
+        )
         if phone is not None:
             # A number typed at a kiosk or desk: refused here (429) rolls it all back.
             await limits.count_text(redis, policy.quotas, principal, phone, now)
@@ -671,7 +662,6 @@ async def join_waitlist(
 
     async def work(conn: Conn, outbox: Outbox) -> WaitlistOut:
         await _check_no_show_rule(conn, principal, policy, now, phone=None)
-        await limits.check_waitlist(conn, principal, policy.quotas.waitlist_entries)
         ctx = await load_context(conn, data.branch_id, data.service_id)
         check_party(ctx, data.party_size)
         earliest_at, latest_at = waitlist.window_instants(
@@ -699,6 +689,8 @@ async def join_waitlist(
         if entry_id is None:
             raise Conflict(code="already_waitlisted")
         await waitlist.offer_freed(conn, policy, now, {data.branch_id}, outbox)
+        # Last: the owner's lock is taken after every row lock (offers take seats).
+        await limits.check_waitlist(conn, principal, policy.quotas.waitlist_entries)
         return waitlist.entry_out(await waitlist.entry_row(conn, entry_id))
 
     return await _once(
