@@ -177,6 +177,30 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "Bookings or holds already taken would no longer fit; move or cancel them first.",
         "已有的预约或保留名额将无法容纳，请先改期或取消它们。",
     ),
+    "too_many_holds": (
+        "You already hold as many times as allowed; book or let one go first.",
+        "您的预留数量已达上限，请先完成预约或释放预留。",
+    ),
+    "too_many_bookings": (
+        "You already have as many bookings for this service on that day as allowed.",
+        "您在当天该服务的预约数量已达上限。",
+    ),
+    "too_many_tickets": (
+        "You already have as many open tickets as allowed.",
+        "您持有的排队号码数量已达上限。",
+    ),
+    "too_many_waitlist_entries": (
+        "You are already on as many waitlists as allowed.",
+        "您的候补登记数量已达上限。",
+    ),
+    "sms_limit_reached": (
+        "Too many texts to this number or from this device; try later or leave out the phone.",
+        "该号码或本设备的短信数量已达上限，请稍后再试或不填写手机号。",
+    ),
+    "login_throttled": (
+        "Too many failed sign-ins; wait before trying again.",
+        "登录失败次数过多，请稍后再试。",
+    ),
 }
 
 

@@ -25,8 +25,16 @@ class Limit:
     window_s: int
 
 
-async def hit(redis: Any, limit: Limit, key: str) -> None:
-    """Count one use; over the limit is 429 with Retry-After.
+async def hit(
+    redis: Any,
+    limit: Limit,
+    key: str,
+    *,
+    code: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Count one use; over the limit is 429 with Retry-After (`code`, default
+    `rate_limited`, and `extra` members in the problem).
 
     If Redis cannot answer, the caller is refused (503): a limit that guards money or
     abuse must fail closed, never open.
@@ -38,7 +46,7 @@ async def hit(redis: Any, limit: Limit, key: str) -> None:
     except Exception as exc:  # any Redis failure: refuse rather than let it through
         raise ServiceUnavailable(detail="rate limiter unavailable") from exc
     if int(count) > limit.limit:
-        raise RateLimited(headers={"retry-after": str(max(int(ttl), 1))})
+        raise RateLimited(headers={"retry-after": str(max(int(ttl), 1))}, code=code, extra=extra)
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted: tuple[str, ...]) -> str:

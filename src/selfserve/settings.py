@@ -82,6 +82,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Live events: Redis pub/sub channels are global to a Redis server (not per db
     # index), so every deployment (or test run) sharing one server needs its own prefix.
     live_channel_prefix: str = "selfserve"
+    # Abuse limits (staff are not limited by the first four). Per customer account, or
+    # per walk-in phone a kiosk books or queues for.
+    max_active_holds: int = 2
+    max_bookings_per_day: int = 3  # upcoming, per branch, service and branch-local day
+    max_open_tickets: int = 2
+    max_waitlist_entries: int = 5
+    # Bookings and tickets with a phone typed at a kiosk or desk (unverified numbers)
+    # count against these and the daily SMS budget.
+    sms_per_number_hour: int = 5
+    sms_per_device_hour: int = 200
+    # Staff login: failures before delays start, per account (in 15 minutes) and per
+    # client address (in an hour); the delay doubles with each further failure, up to
+    # the cap (seconds).
+    login_failures_per_account: int = 5
+    login_failures_per_client: int = 20
+    login_delay_cap_s: int = 300
+    # Password hashes computed at once per process (each argon2 hash uses 64 MiB).
+    password_hash_threads: int = 2
 
     @property
     def is_production(self) -> bool:
@@ -243,4 +261,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         survey_delay_min=_int(env, "SELFSERVE_SURVEY_DELAY", 30, minimum=0),
         queue_text_ttl_min=_int(env, "SELFSERVE_QUEUE_TEXT_TTL", 10, minimum=1),
         live_channel_prefix=_channel_prefix(env),
+        max_active_holds=_int(env, "SELFSERVE_MAX_ACTIVE_HOLDS", 2),
+        max_bookings_per_day=_int(env, "SELFSERVE_MAX_BOOKINGS_PER_DAY", 3),
+        max_open_tickets=_int(env, "SELFSERVE_MAX_OPEN_TICKETS", 2),
+        max_waitlist_entries=_int(env, "SELFSERVE_MAX_WAITLIST_ENTRIES", 5),
+        sms_per_number_hour=_int(env, "SELFSERVE_SMS_PER_NUMBER_HOUR", 5),
+        sms_per_device_hour=_int(env, "SELFSERVE_SMS_PER_DEVICE_HOUR", 200),
+        login_failures_per_account=_int(env, "SELFSERVE_LOGIN_FAILURES_PER_ACCOUNT", 5),
+        login_failures_per_client=_int(env, "SELFSERVE_LOGIN_FAILURES_PER_CLIENT", 20),
+        login_delay_cap_s=_int(env, "SELFSERVE_LOGIN_DELAY_CAP", 300),
+        password_hash_threads=_int(env, "SELFSERVE_PASSWORD_HASH_THREADS", 2),
     )

@@ -39,12 +39,32 @@ class AuthController(Controller):
         description="Email and password -> access token (role, branch scopes, channel `staff`) "
         "and a rotating refresh token.",
         status_code=200,
-        responses=problems(400, 401, 422),
+        responses=problems(
+            400,
+            401,
+            422,
+            429,
+            503,
+            s429="`login_throttled`: too many failures for this account or from this "
+            "address; wait `Retry-After` seconds (delays double per failure, capped)",
+        ),
     )
     async def staff_login(
-        self, data: JSONBody[StaffLogin], pool: DbPool, settings: AppSettings
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[StaffLogin],
+        pool: DbPool,
+        redis: NamedDependency[Any],
+        settings: AppSettings,
     ) -> TokenPair:
-        return await service.staff_login(pool, settings, data.email, data.password)
+        address = client_address(
+            request.client.host if request.client else None,
+            request.headers.get("x-forwarded-for"),
+            settings.trusted_proxies,
+        )
+        return await service.staff_login(
+            pool, settings, data.email, data.password, redis=redis, client_address=address
+        )
 
     @post(
         "/device",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hmac
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
+from selfserve.auth import throttle
 from selfserve.auth.models import TokenPair
-from selfserve.auth.passwords import hash_password, needs_rehash, verify_password
+from selfserve.auth.passwords import hash_password_async, needs_rehash, verify_password_async
 from selfserve.auth.tokens import (
     Principal,
     hash_secret,
@@ -101,21 +103,40 @@ async def issue_tokens(
 
 
 async def staff_login(
-    pool: asyncpg.Pool, settings: Settings, email: str, password: str
+    pool: asyncpg.Pool,
+    settings: Settings,
+    email: str,
+    password: str,
+    *,
+    redis: Any = None,
+    client_address: str = "unknown",
 ) -> TokenPair:
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(STAFF_BY_EMAIL, email)
-        ok = verify_password(row["password_hash"] if row else None, password)
-        if not row or not ok or not row["active"]:
-            raise Unauthorized(code="invalid_credentials")
-        async with conn.transaction():
-            if needs_rehash(row["password_hash"]):
-                await conn.execute(
-                    "UPDATE staff SET password_hash = $2 WHERE id = $1",
-                    row["id"],
-                    hash_password(password),
-                )
-            return await issue_tokens(conn, settings, _principal_for_staff(row))
+    """Check the password off the event loop (no connection held meanwhile), under the
+    login throttle (`throttle.py`) when Redis is given."""
+    keys = throttle.keys(email, client_address)
+    if redis is not None:
+        await throttle.check(redis, keys, client_address)
+    row = await pool.fetchrow(STAFF_BY_EMAIL, email)
+    threads = settings.password_hash_threads
+    ok = await verify_password_async(
+        row["password_hash"] if row else None, password, threads=threads
+    )
+    if not row or not ok or not row["active"]:
+        if redis is not None:
+            await throttle.failed(redis, settings, keys)
+        raise Unauthorized(code="invalid_credentials")
+    rehashed = None
+    if needs_rehash(row["password_hash"]):
+        rehashed = await hash_password_async(password, threads=threads)
+    async with pool.acquire() as conn, conn.transaction():
+        if rehashed is not None:
+            await conn.execute(
+                "UPDATE staff SET password_hash = $2 WHERE id = $1", row["id"], rehashed
+            )
+        tokens = await issue_tokens(conn, settings, _principal_for_staff(row))
+    if redis is not None:
+        await throttle.succeeded(redis, keys, client_address)
+    return tokens
 
 
 async def device_login(

@@ -14,7 +14,7 @@ import asyncpg
 import msgspec
 
 from selfserve.auth.guards import ensure_can_write, ensure_visible
-from selfserve.auth.passwords import hash_password
+from selfserve.auth.passwords import hash_password, hash_password_async
 from selfserve.auth.service import revoke_principal
 from selfserve.auth.tokens import Principal, hash_secret
 from selfserve.catalog import queries as q
@@ -925,7 +925,7 @@ def _staff_visible(principal: Principal, account: StaffAccount) -> bool:
 async def create_staff(pool: asyncpg.Pool, principal: Principal, data: StaffCreate) -> StaffAccount:
     branch_ids = sorted(set(data.branch_ids))
     _check_staff_grant(principal, data.role, branch_ids)
-    password_hash = hash_password(data.password)
+    password_hash = await hash_password_async(data.password)
     try:
         async with transaction(pool) as conn:
             await _check_branches(conn, data.role, branch_ids)
@@ -1003,6 +1003,7 @@ async def update_staff(
     pool: asyncpg.Pool, principal: Principal, staff_id: int, data: StaffUpdate
 ) -> StaffAccount:
     changes = _changes(data)
+    new_hash = await hash_password_async(changes["password"]) if "password" in changes else None
     async with transaction(pool) as conn:
         current = await _load_staff(conn, staff_id)
         if current is None or not _staff_visible(principal, current):
@@ -1019,7 +1020,7 @@ async def update_staff(
         if "role" in changes:
             columns["role"] = role
         if "password" in changes:
-            columns["password_hash"] = hash_password(changes["password"])
+            columns["password_hash"] = new_hash
         await q.update_columns(conn, "staff", staff_id, columns)
         if "branch_ids" in changes:
             await conn.execute(q.SET_STAFF_BRANCHES, staff_id, branch_ids)

@@ -131,7 +131,19 @@ class TicketController(Controller):
         "branch time), the place in the queue and the expected wait as a band. 409 "
         "`queue_closed` when the branch is closed or the wait would run past closing.",
         responses=problems(
-            401, 403, 404, 409, 413, 422, s409="`queue_closed`, `idempotency_key_in_progress`"
+            401,
+            403,
+            404,
+            409,
+            413,
+            422,
+            429,
+            503,
+            s409="`queue_closed`, `idempotency_key_in_progress`, `too_many_tickets` (the customer, or the walk-in phone, "
+            "has as many open tickets as allowed)",
+            s429="`sms_limit_reached` (a phone typed by a kiosk or staff: too many texts to "
+            "that number, from this device or today; nothing was written; wait `Retry-After` "
+            "or send no `phone`)",
         ),
         guards=[require(*ISSUERS)],
     )
@@ -153,6 +165,7 @@ class TicketController(Controller):
             now=svc.utcnow(),
             settings=settings,
             locale=_locale(request),
+            redis=redis,
         )
         if not replayed:
             await live.publish_branch(request.app, pool, settings, branch_id, now=svc.utcnow())

@@ -28,10 +28,11 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import structlog
 
-from selfserve import db, idempotency
+from selfserve import db, idempotency, limits
 from selfserve.auth.tokens import Principal
 from selfserve.db import Conn, Record
 from selfserve.errors import Conflict, Forbidden, InvalidInput, NotFound
+from selfserve.limits import quotas_of
 from selfserve.messaging import inbound
 from selfserve.messaging.service import cancel_messages, enqueue_after_commit, queue_template
 from selfserve.messaging.templates import DEFAULT_LOCALE, pick_locale, render
@@ -459,9 +460,15 @@ async def issue_ticket(
     now: datetime,
     settings: Settings,
     locale: str,
+    redis: Any = None,
 ) -> tuple[TicketOut, int, bool]:
-    """Returns (ticket, branch id, replayed)."""
+    """Returns (ticket, branch id, replayed).
+
+    Abuse limits (`limits.py`): open tickets per customer or walk-in phone, counted
+    after the insert under a per-owner advisory lock; a phone typed by a kiosk or staff counts against
+    the SMS limits (429 `sms_limit_reached`) before the ticket commits."""
     config = config_of(settings)
+    quotas = quotas_of(settings)
     if principal.kind == "customer" and data.priority:
         raise InvalidInput.field("priority", "priority classes are granted at the kiosk or desk")
 
@@ -487,6 +494,8 @@ async def issue_ticket(
             customer_id=customer_id,
             phone=phone,
         )
+        await limits.check_tickets(conn, limits.owner_of(principal, phone), quotas.open_tickets)
+        await limits.count_text(redis, quotas, principal, phone, now)
         return await view_ticket(conn, ticket_id, now, config, locale), queue["branch_id"]
 
     async def run(fn: Any) -> tuple[TicketOut, int]:

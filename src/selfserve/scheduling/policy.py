@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
 
+from selfserve.limits import Quotas, quotas_of
 from selfserve.settings import Settings
 
 
@@ -29,6 +30,7 @@ class BookingPolicy:
     no_show_grace: timedelta
     no_show_limit: int
     no_show_window: timedelta
+    quotas: Quotas
 
 
 def _label(minutes: int) -> str:
@@ -66,6 +68,7 @@ def policy_of(settings: Settings) -> BookingPolicy:
         no_show_grace=timedelta(minutes=settings.no_show_grace_min),
         no_show_limit=settings.no_show_limit,
         no_show_window=timedelta(days=settings.no_show_window_days),
+        quotas=quotas_of(settings),
     )
 
 

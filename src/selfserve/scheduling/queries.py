@@ -52,7 +52,8 @@ WHERE resource_id = ANY($1::bigint[]) AND id <> $5
 CUSTOMER = "SELECT phone, locale FROM customers WHERE id = $1"
 
 HOLD_FOR_BOOKING = """
-SELECT h.id, h.branch_id, h.service_id, h.customer_id, h.channel, h.released_at, h.expires_at
+SELECT h.id, h.branch_id, h.service_id, h.customer_id, h.channel, h.released_at, h.expires_at,
+       h.starts_at
 FROM holds h WHERE h.id = $1
 """
 

@@ -61,6 +61,10 @@ CONFLICTS = (
 NO_SHOWS = (
     "`staff_booking_required` (repeated no-shows: staff book for this customer), `branch_forbidden`"
 )
+TEXTS = (
+    "`sms_limit_reached` (a phone typed by a kiosk or staff: too many texts to that number, "
+    "from this device or today; nothing was written; wait `Retry-After` or send no `phone`)"
+)
 REPLAYED = "Idempotent-Replayed"
 
 
@@ -113,7 +117,16 @@ class HoldController(Controller):
         "/",
         operation_id="createHold",
         summary="Hold a slot for a few minutes (customer, kiosk or staff)",
-        responses=problems(401, 403, 404, 409, 413, 422, s403=NO_SHOWS, s409=CONFLICTS),
+        responses=problems(
+            401,
+            403,
+            404,
+            409,
+            413,
+            422,
+            s403=NO_SHOWS,
+            s409=CONFLICTS + ", `too_many_holds` (a customer's live holds are at the limit)",
+        ),
     )
     async def create(
         self,
@@ -146,7 +159,20 @@ class BookingController(Controller):
         description="Kiosks and staff book for someone else and may send their `phone` "
         "(texted the confirmation and reminders). A customer with repeated no-shows gets "
         "403 `staff_booking_required`; staff can still book for them.",
-        responses=problems(401, 403, 404, 409, 413, 422, s403=NO_SHOWS, s409=CONFLICTS),
+        responses=problems(
+            401,
+            403,
+            404,
+            409,
+            413,
+            422,
+            429,
+            503,
+            s403=NO_SHOWS,
+            s409=CONFLICTS + ", `too_many_bookings` (the customer, or the walk-in phone, has "
+            "as many upcoming bookings of this service at this branch that day as allowed)",
+            s429=TEXTS,
+        ),
         guards=[require(*BOOKERS)],
     )
     async def create(
@@ -269,7 +295,8 @@ class WaitlistController(Controller):
             413,
             422,
             s403=NO_SHOWS,
-            s409="`already_waitlisted`, `idempotency_key_in_progress`",
+            s409="`already_waitlisted`, `idempotency_key_in_progress`, `too_many_waitlist_entries` (as many open entries "
+            "as allowed)",
         ),
     )
     async def join(

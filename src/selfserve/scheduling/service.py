@@ -37,6 +37,14 @@ Choices worth knowing
 - Repeated no-shows: a customer (or a walk-in phone at a kiosk) with
   `SELFSERVE_NO_SHOW_LIMIT` no-shows in the window gets 403
   `staff_booking_required` for holds, bookings and the waitlist; staff book for them.
+  A customer account counts only the bookings it made itself: bookings made at a
+  kiosk under its phone (an unverified number anyone can type) count against that
+  phone at kiosks, never against the account.
+- Abuse limits (`limits.py`): live holds, upcoming bookings per branch, service and
+  day, and waitlist entries per customer (bookings also per walk-in phone), counted
+  after the write under a per-owner advisory lock in the same transaction (so a
+  refusal for the slot itself comes first); a booking with a phone
+  typed by a kiosk or staff counts against the SMS limits before it commits.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ import msgspec
 import structlog
 from arq.connections import ArqRedis
 
-from selfserve import db, idempotency
+from selfserve import db, idempotency, limits
 from selfserve.auth.tokens import Principal
 from selfserve.db import Conn, Record
 from selfserve.errors import (
@@ -160,7 +168,9 @@ async def _check_no_show_rule(
     if policy.no_show_limit <= 0 or principal.role in STAFF_ROLES:
         return
     customer_id = principal.id if principal.kind == "customer" else None
-    if customer_id is None and phone is None:
+    if customer_id is not None:
+        phone = None  # an account answers only for the bookings it made itself
+    elif phone is None:
         return
     count = await conn.fetchval(
         q.RECENT_NO_SHOWS, customer_id, phone, now - policy.no_show_window, policy.no_show_limit
@@ -250,6 +260,7 @@ async def create_hold(
             )
 
         hold = await first_that_fits(candidates, attempt)
+        await limits.check_holds(conn, principal, policy.quotas.active_holds, now)
         return HoldOut(
             id=hold.id,
             branch_id=hold.branch_id,
@@ -452,6 +463,7 @@ async def create_booking(
     async def work(conn: Conn, outbox: Outbox) -> BookingOut:
         phone, locale = await _contact(conn, principal, data.phone)
         await _check_no_show_rule(conn, principal, policy, now, phone=phone)
+        owner = limits.owner_of(principal, phone)
         if data.hold_id is not None:
             hold = await conn.fetchrow(q.HOLD_FOR_BOOKING, data.hold_id)
             mine = hold is not None and (
@@ -497,7 +509,19 @@ async def create_booking(
 
             booking = await first_that_fits(candidates, attempt)
         row = await _booking_row(conn, booking.id)
+        await limits.check_bookings(
+            conn,
+            owner,
+            policy.quotas.bookings_per_day,
+            branch_id=row["branch_id"],
+            service_id=row["service_id"],
+            start=row["starts_at"],
+            timezone=row["timezone"],
+            now=now,
+        )
         if phone is not None:
+            # A number typed at a kiosk or desk: refused here (429) rolls it all back.
+            await limits.count_text(redis, policy.quotas, principal, phone, now)
             await _queue_booking_messages(conn, outbox, row, phone, locale, now, policy)
         return booking_out(row)
 
@@ -699,6 +723,8 @@ async def join_waitlist(
         if entry_id is None:
             raise Conflict(code="already_waitlisted")
         await waitlist.offer_freed(conn, policy, now, {data.branch_id}, outbox)
+        # Last: the owner's lock is taken after every row lock (offers take seats).
+        await limits.check_waitlist(conn, principal, policy.quotas.waitlist_entries)
         return waitlist.entry_out(await waitlist.entry_row(conn, entry_id))
 
     return await _once(
