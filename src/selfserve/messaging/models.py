@@ -22,6 +22,7 @@ class ClaimedMessage(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int
     maybe_sent: bool
     created_at: datetime
+    template: str = ""
 
 
 class SmsRequest(msgspec.Struct, frozen=True, kw_only=True):

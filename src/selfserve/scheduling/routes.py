@@ -56,7 +56,8 @@ CONFLICTS = (
     "`hold_expired`, `booking_not_active`"
 )
 NO_SHOWS = (
-    "`staff_booking_required` (repeated no-shows: staff book for this customer), `branch_forbidden`"
+    "`staff_booking_required` (repeated no-shows: staff book for this customer), `forbidden` "
+    "(a role that never books, e.g. a display device)"
 )
 REPLAYED = "Idempotent-Replayed"
 
