@@ -374,6 +374,9 @@ def _forge(env: ModuleEnv, **claims: Any) -> str:
         {"sub": "device:1", "role": "kiosk", "branches": [1, 2]},
         {"sub": "staff:1", "role": "customer", "branches": []},
         {"sub": "staff:1", "role": "kiosk", "branches": [1]},
+        {"channel": "staff"},  # a customer acting on the staff channel
+        {"channel": "kiosk"},
+        {"sub": "device:1", "role": "kiosk", "branches": [1], "channel": "app"},
     ],
     ids=json.dumps,
 )

@@ -23,6 +23,11 @@ ROLES_OF: dict[str, frozenset[str]] = {
     "device": frozenset({"kiosk", "display"}),
     "staff": frozenset({"admin", "manager", "staff"}),
 }
+CHANNELS_OF: dict[str, frozenset[str]] = {
+    "customer": frozenset({"app", "mini_program", "web"}),
+    "device": frozenset({"kiosk"}),
+    "staff": frozenset({"staff"}),
+}
 CHANNELS: tuple[str, ...] = ("app", "mini_program", "kiosk", "sms", "web", "staff")
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub", "role", "channel"]
 
@@ -106,8 +111,8 @@ def decode_access_token_expiry(settings: Settings, token: str) -> tuple[Principa
         channel = claims["channel"]
         if kind not in ROLES_OF or role not in ROLES_OF[kind]:
             raise TokenError("role does not agree with the subject")
-        if channel not in CHANNELS:
-            raise TokenError("bad channel")
+        if channel not in CHANNELS or channel not in CHANNELS_OF[kind]:
+            raise TokenError("channel does not agree with the subject")
         raw_branches = claims.get("branches")
         branches: tuple[int, ...] | None
         if raw_branches == "*":
