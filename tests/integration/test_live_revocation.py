@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 from arq.connections import ArqRedis
 from websockets.asyncio.client import ClientConnection
@@ -242,3 +243,42 @@ async def test_a_customers_stream_ends_when_the_token_expires(
 
     closed = await follow_until_closed(http, ticket["id"], expiring, nothing)
     assert closed == {"code": 4401, "reason": "token expired"}
+
+
+# --- announced at once, without waiting for the periodic check -----------------------
+
+
+@pytest.fixture(scope="module")
+async def slow_check_url(
+    live_settings: Settings, pool: asyncpg.Pool, redis: ArqRedis
+) -> AsyncIterator[str]:
+    """The app re-checking only hourly: whatever ends a stream promptly here is the
+    announcement (over Redis pub/sub, as between processes)."""
+    settings = msgspec.structs.replace(live_settings, live_recheck_s=3600)
+    async for url in serve(create_app(settings, pool=pool, redis=redis)):
+        yield url
+
+
+async def test_a_revocation_is_announced_and_ends_the_board_at_once(
+    pool: asyncpg.Pool, module_env: ModuleEnv, slow_check_url: str, admin: str
+) -> None:
+    h = await hall(pool, module_env)
+    other = await hall(pool, module_env)
+    device, staff = await ids(pool, h)
+    async with (
+        httpx.AsyncClient(base_url=slow_check_url, timeout=30, trust_env=False) as http,
+        board(slow_check_url, h.branch_id, h.kiosk) as kiosk_board,
+        board(slow_check_url, h.branch_id, h.staff) as staff_board,
+    ):
+        await receive(kiosk_board)
+        await receive(staff_board)
+        await ok(await http.post(f"/v1/admin/devices/{device}/deactivate", headers=bearer(admin)))
+        assert await closed_with(kiosk_board) == 4401
+        await ok(
+            await http.patch(
+                f"/v1/admin/staff/{staff}",
+                json={"branch_ids": [other.branch_id]},
+                headers=bearer(admin),
+            )
+        )
+        assert await closed_with(staff_board) == 4403

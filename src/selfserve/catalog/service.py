@@ -226,6 +226,7 @@ async def _branch_for_write(conn: Conn, principal: Principal, branch_id: int) ->
     active = await conn.fetchval("SELECT active FROM branches WHERE id = $1 FOR SHARE", branch_id)
     if active is None or not principal.in_scope(branch_id):
         raise InvalidInput.field("branch_id", "no such branch")
+    ensure_can_write(principal, branch_id)  # in scope: only the role is left to check
     if not active:
         raise InvalidInput(
             errors=[FieldError("branch_id", "branch is deactivated")], code="inactive_reference"

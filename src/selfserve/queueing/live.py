@@ -72,6 +72,10 @@ def branch_channel(branch_id: int) -> str:
     return f"branch:{branch_id}"
 
 
+RIGHTS_CHANNEL: Final = "rights"
+"""Subjects (`device:5`, `staff:7`) whose rights were just taken away or changed."""
+
+
 # --- the channels backend ------------------------------------------------------------
 
 
@@ -350,14 +354,30 @@ def available(app: Litestar) -> bool:
     return _plugin(app) is not None
 
 
+def announce_rights_change(app: Litestar, subject: str) -> None:
+    """After a commit that may take rights away (a device or staff account
+    deactivated, a device's kind or an account's role or branches changed): the open
+    boards and ticket streams of `subject` (`device:5`, `staff:7`), in every API
+    process, re-check at once instead of at their next periodic check. Best effort:
+    a message Redis loses is made up for by the periodic check."""
+    channels = _plugin(app)
+    if channels is not None:
+        channels.publish(subject.encode(), channels=[RIGHTS_CHANNEL])
+
+
 @asynccontextmanager
 async def subscription(app: Litestar, branch_id: int) -> AsyncIterator[asyncio.Queue[bytes]]:
     """The events of a branch from now on, in a bounded inbox; the subscription ends
     with the block however it is left (disconnect, cancellation, error)."""
+    async with _subscribed(app, branch_channel(branch_id)) as inbox:
+        yield inbox
+
+
+@asynccontextmanager
+async def _subscribed(app: Litestar, channel: str) -> AsyncIterator[asyncio.Queue[bytes]]:
     plugin = _plugin(app)
     if plugin is None:
         raise RuntimeError("the live feed is not running")
-    channel = branch_channel(branch_id)
     inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=INBOX_SIZE)
 
     async def deliver(data: bytes) -> None:
@@ -417,23 +437,27 @@ async def rights_lost(
     principal: Principal,
     expires_at: float | None,
     allowed: Callable[[Principal], bool],
+    announced: asyncio.Queue[bytes] | None = None,
 ) -> tuple[int, str]:
     """Wait until an open stream's caller may no longer read it: the token expires
     (4401), the device or staff account is deactivated (4401), or its role or branches
     change so that `allowed` refuses it (4403). Rights are read again from the database
-    every `SELFSERVE_LIVE_RECHECK` seconds; the expiry is waited for exactly. Returns
-    the close code and reason. While the database is unreachable the stream goes on
-    and the next check decides."""
+    every `SELFSERVE_LIVE_RECHECK` seconds, and at once when the caller's subject is
+    `announced` (`announce_rights_change`, read from the `RIGHTS_CHANNEL` inbox); the
+    expiry is waited for exactly. Returns the close code and reason. While the
+    database is unreachable the stream goes on and the next check decides."""
+    subject = principal.subject.encode()
+    next_check = time.monotonic() + settings.live_recheck_s
     while True:
-        wait = float(settings.live_recheck_s)
+        wait = next_check - time.monotonic()
         if expires_at is not None:
             left = expires_at - time.time()
             if left <= 0:
                 return WS_UNAUTHORIZED, "token expired"
             wait = min(wait, left)
-        await asyncio.sleep(wait)
-        if expires_at is not None and time.time() >= expires_at:
-            return WS_UNAUTHORIZED, "token expired"
+        if wait > 0 and not await _announced(announced, subject, wait):
+            continue  # time for the periodic check, or the expiry: the loop decides
+        next_check = time.monotonic() + settings.live_recheck_s
         try:
             current = await current_rights(pool, principal)
         except Exception as exc:  # the database away, the pool closing: check again later
@@ -443,6 +467,28 @@ async def rights_lost(
             return WS_UNAUTHORIZED, "revoked"
         if not allowed(current):
             return WS_FORBIDDEN, "forbidden"
+
+
+async def _announced(inbox: asyncio.Queue[bytes] | None, subject: bytes, within_s: float) -> bool:
+    """Whether `subject` is announced within `within_s` seconds (others are skipped)."""
+    if inbox is None:
+        await asyncio.sleep(within_s)
+        return False
+    try:
+        async with asyncio.timeout(within_s):
+            while await inbox.get() != subject:
+                pass
+    except TimeoutError:
+        return False
+    return True
+
+
+@asynccontextmanager
+async def rights_announcements(app: Litestar) -> AsyncIterator[asyncio.Queue[bytes]]:
+    """Subjects announced by `announce_rights_change` from now on (open it before the
+    stream's first message, so no announcement after that is missed)."""
+    async with _subscribed(app, RIGHTS_CHANNEL) as inbox:
+        yield inbox
 
 
 @lru_cache(maxsize=16)
@@ -478,7 +524,7 @@ async def serve_board(socket: WebSocket[Any, Any, Any], branch_id: int) -> None:
     pool: asyncpg.Pool = app.state.pool
     settings: Settings = app.state.settings
     # Subscribe first, then read: nothing committed after the snapshot is missed.
-    async with subscription(app, branch_id) as inbox:
+    async with subscription(app, branch_id) as inbox, rights_announcements(app) as announced:
         async with pool.acquire() as conn:
             if not await conn.fetchval("SELECT active FROM branches WHERE id = $1", branch_id):
                 await socket.close(code=WS_NOT_FOUND, reason="not found")
@@ -492,7 +538,9 @@ async def serve_board(socket: WebSocket[Any, Any, Any], branch_id: int) -> None:
         await _forward_until_disconnect(
             socket,
             inbox,
-            lambda: rights_lost(pool, settings, principal, token_expiry(socket), allowed),
+            lambda: rights_lost(
+                pool, settings, principal, token_expiry(socket), allowed, announced
+            ),
         )
 
 
@@ -566,7 +614,7 @@ async def ticket_stream(
             pool, principal, ticket_id, now=svc.utcnow(), settings=settings, locale=locale
         )
 
-    async with subscription(app, branch_id) as inbox:
+    async with subscription(app, branch_id) as inbox, rights_announcements(app) as announced:
         ticket = await current()  # read after subscribing: no change falls in between
         yield ServerSentEventMessage(event="ticket", data=_text(ticket), retry=SSE_RETRY_MS)
         if ticket.status in FINAL_STATUSES:
@@ -578,7 +626,9 @@ async def ticket_stream(
             eta.high_min if eta else None,
             locale,
         )
-        watcher = asyncio.create_task(rights_lost(pool, settings, principal, expires_at, allowed))
+        watcher = asyncio.create_task(
+            rights_lost(pool, settings, principal, expires_at, allowed, announced)
+        )
         try:
             while True:
                 getter = asyncio.ensure_future(inbox.get())
