@@ -94,6 +94,8 @@ def create_app(
 ) -> Litestar:
     """Build the API. Collaborators passed in are used (and not closed) as they are."""
     settings = settings or load_settings()
+    if settings.jwt_algorithm == "ES256" and settings.otp_secret is None:
+        raise ConfigError("ES256 needs SELFSERVE_OTP_SECRET (the sign-in code key)")
     configure_logging(settings.log_format, settings.log_level)
 
     @asynccontextmanager

@@ -9,7 +9,8 @@ from selfserve.errors import PROBLEM_MEDIA_TYPE, Problem
 _DESCRIPTIONS: dict[int, str] = {
     400: "Malformed JSON body (`malformed_body`).",
     401: "Missing, invalid, expired or revoked token (`unauthorized`, `invalid_token`).",
-    403: "Role or branch scope does not allow this (`forbidden`, `branch_forbidden`).",
+    403: "The caller's role may never do this (`forbidden`, `branch_forbidden`); outside "
+    "the caller's branches is 404.",
     404: "Not found, or outside the caller's scope (`not_found`).",
     409: "Conflicts with the current state (`conflict`, `already_exists`, `overlapping_shift`).",
     413: "Request body too large (`body_too_large`).",

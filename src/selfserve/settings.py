@@ -30,6 +30,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_public_key: str | None = None
     jwt_issuer: str = "selfserve"
     jwt_audience: str = "selfserve-api"
+    # HMAC key of stored sign-in codes; None: the HS256 signing secret (required
+    # with ES256, which has no shared secret to fall back on).
+    otp_secret: str | None = None
     access_token_ttl_s: int = 900
     refresh_token_ttl_s: int = 30 * 24 * 3600
     public_base_url: str = "http://127.0.0.1:8000"
@@ -100,6 +103,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     login_delay_cap_s: int = 300
     # Password hashes computed at once per process (each argon2 hash uses 64 MiB).
     password_hash_threads: int = 2
+    # Open boards and ticket streams re-check their caller's rights this often (and
+    # end at the token's expiry): a revoked device or account is cut off within it.
+    live_recheck_s: int = 5
 
     @property
     def is_production(self) -> bool:
@@ -208,6 +214,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("SELFSERVE_JWT_SECRET must be at least 32 bytes")
     if algorithm == "ES256" and not (private_key and public_key):
         raise ConfigError("ES256 needs SELFSERVE_JWT_PRIVATE_KEY and SELFSERVE_JWT_PUBLIC_KEY")
+    otp_secret = env.get("SELFSERVE_OTP_SECRET") or None
+    if algorithm == "ES256" and otp_secret is None:
+        raise ConfigError(
+            "ES256 needs SELFSERVE_OTP_SECRET (the sign-in code key, at least 32 bytes)"
+        )
+    if otp_secret is not None and len(otp_secret.encode()) < 32:
+        raise ConfigError("SELFSERVE_OTP_SECRET must be at least 32 bytes")
     log_format = env.get("SELFSERVE_LOG_FORMAT", "json" if production else "console")
     if log_format not in {"json", "console"}:
         raise ConfigError(f"SELFSERVE_LOG_FORMAT must be json or console, got {log_format!r}")
@@ -221,6 +234,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         jwt_public_key=public_key,
         jwt_issuer=env.get("SELFSERVE_JWT_ISSUER", "selfserve"),
         jwt_audience=env.get("SELFSERVE_JWT_AUDIENCE", "selfserve-api"),
+        otp_secret=otp_secret,
         access_token_ttl_s=_int(env, "SELFSERVE_ACCESS_TOKEN_TTL", 900),
         refresh_token_ttl_s=_int(env, "SELFSERVE_REFRESH_TOKEN_TTL", 30 * 24 * 3600),
         public_base_url=env.get("SELFSERVE_PUBLIC_BASE_URL", "http://127.0.0.1:8000").rstrip("/"),
@@ -271,4 +285,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         login_failures_per_client=_int(env, "SELFSERVE_LOGIN_FAILURES_PER_CLIENT", 20),
         login_delay_cap_s=_int(env, "SELFSERVE_LOGIN_DELAY_CAP", 300),
         password_hash_threads=_int(env, "SELFSERVE_PASSWORD_HASH_THREADS", 2),
+        live_recheck_s=_int(env, "SELFSERVE_LIVE_RECHECK", 5),
     )

@@ -494,13 +494,14 @@ async def test_manager_writes_only_inside_own_branch(admin: Admin) -> None:
         "items"
     ] == []
 
-    # creating in another branch is forbidden, whichever services it names
+    # another branch is refused as a missing one, whichever services it names
     for service_ids in ([their_service["id"]], [my_service["id"]]):
         await admin.refused(
             "POST",
             URL,
-            status=403,
-            code="branch_forbidden",
+            status=422,
+            code="validation_error",
+            fields=("branch_id",),
             headers=manager,
             body={
                 "branch_id": theirs["id"],

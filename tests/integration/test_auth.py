@@ -605,9 +605,14 @@ async def test_manager_cannot_create_in_another_branch(
         "/v1/admin/resources": {"branch_id": world.b2, "kind": "counter", "name": "Sneaky"},
         "/v1/admin/devices": {"branch_id": world.b2, "name": "Sneaky kiosk"},
     }
+    # another branch is refused exactly as a missing one would be
     for path, body in attempts.items():
         resp = await client.post(path, json=body, headers=bearer(scope.manager))
-        assert_problem(resp, 403, "branch_forbidden")
+        problem = assert_problem(resp, 422, "validation_error")
+        missing = await client.post(
+            path, json={**body, "branch_id": 10**12}, headers=bearer(scope.manager)
+        )
+        assert missing.json()["errors"] == problem["errors"]
     after = {t: await _count(pool, t, world.b2) for t in ("services", "resources", "devices")}
     assert after == before
     clerk = await client.post(
@@ -621,7 +626,7 @@ async def test_manager_cannot_create_in_another_branch(
         },
         headers=bearer(scope.manager),
     )
-    assert_problem(clerk, 403, "branch_forbidden")
+    assert_problem(clerk, 422, "validation_error")
 
 
 async def test_other_branch_records_look_missing_to_a_manager(

@@ -283,7 +283,7 @@ async def test_manager_writes_only_inside_own_branch(admin: Admin) -> None:
         json={"branch_id": theirs["id"], "name": "Foreign", "duration_min": 20},
         headers=manager,
     )
-    assert_problem(denied, 403, "branch_forbidden")
+    assert_problem(denied, 422, "validation_error")  # as a missing branch
     assert await row_count(admin.pool, "services") == before
 
     # another branch's records look missing, and stay unchanged

@@ -43,6 +43,17 @@ def base_env(**extra: str) -> dict[str, str]:
             {"SELFSERVE_JWT_ALGORITHM": "ES256", "DATABASE_URL": "postgresql://h/db"},
             "SELFSERVE_JWT_PRIVATE_KEY",
         ),
+        (  # ES256 has no shared secret for sign-in codes to fall back on
+            {
+                "SELFSERVE_JWT_ALGORITHM": "ES256",
+                "SELFSERVE_JWT_PRIVATE_KEY": "private-pem",
+                "SELFSERVE_JWT_PUBLIC_KEY": "public-pem",
+                "DATABASE_URL": "postgresql://h/db",
+                "REDIS_URL": "redis://h:6379/0",
+                "SELFSERVE_PUBLIC_BASE_URL": "https://q.example",
+            },
+            "SELFSERVE_OTP_SECRET",
+        ),
     ],
 )
 def test_production_start_refuses_missing_secret_and_names_it(

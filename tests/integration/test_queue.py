@@ -65,7 +65,7 @@ async def test_tickets_get_daily_codes_places_and_clear_refusals(
             "validation_error",
         ),
         (h.kiosk, {"queue_id": 10**12}, 404, "not_found"),
-        (other.kiosk, {"queue_id": h.queues["A"]}, 403, "branch_forbidden"),
+        (other.kiosk, {"queue_id": h.queues["A"]}, 404, "not_found"),
         (h.kiosk, {"queue_id": h.queues["A"], "priority": 10}, 422, "validation_error"),
         (h.kiosk, {"queue_id": h.queues["A"], "phone": "12345"}, 422, "validation_error"),
     ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from selfserve.settings import DEV_JWT_SECRET, ConfigError, load_settings
+from selfserve.auth.otp import otp_key
+from selfserve.settings import DEV_JWT_SECRET, ConfigError, Settings, load_settings
 
 SECRET = "s" * 32
 PRODUCTION = {
@@ -94,6 +95,7 @@ def test_es256_with_both_keys_loads() -> None:
         "SELFSERVE_JWT_ALGORITHM": "ES256",
         "SELFSERVE_JWT_PRIVATE_KEY": "private-pem",
         "SELFSERVE_JWT_PUBLIC_KEY": "public-pem",
+        "SELFSERVE_OTP_SECRET": "o" * 32,
     }
     del env["SELFSERVE_JWT_SECRET"]  # not needed with keys
     settings = load_settings(env)
@@ -137,3 +139,34 @@ def test_live_channel_prefix_defaults_and_is_checked() -> None:
     for bad in ("with space", "-leading", "x" * 65, "star*"):
         with pytest.raises(ConfigError, match="SELFSERVE_LIVE_CHANNEL_PREFIX"):
             load_settings({"SELFSERVE_LIVE_CHANNEL_PREFIX": bad})
+
+
+@pytest.mark.parametrize("environment", ["development", "test", "production"])
+def test_es256_needs_its_own_sign_in_code_secret(environment: str) -> None:
+    """With ES256 there is no shared secret: the code hash must not fall back to the
+    built-in development key."""
+    env = {
+        **PRODUCTION,
+        "SELFSERVE_ENV": environment,
+        "SELFSERVE_JWT_ALGORITHM": "ES256",
+        "SELFSERVE_JWT_PRIVATE_KEY": "private-pem",
+        "SELFSERVE_JWT_PUBLIC_KEY": "public-pem",
+    }
+    del env["SELFSERVE_JWT_SECRET"]
+    with pytest.raises(ConfigError, match="SELFSERVE_OTP_SECRET"):
+        load_settings(env)
+    with pytest.raises(ConfigError, match="SELFSERVE_OTP_SECRET"):
+        load_settings({**env, "SELFSERVE_OTP_SECRET": "short"})
+    settings = load_settings({**env, "SELFSERVE_OTP_SECRET": "s" * 32})
+    assert settings.otp_secret == "s" * 32
+
+
+def test_sign_in_code_key_is_never_the_built_in_secret_with_es256() -> None:
+    es = Settings(jwt_algorithm="ES256", jwt_private_key="k", jwt_public_key="k")
+    with pytest.raises(RuntimeError, match="SELFSERVE_OTP_SECRET"):
+        otp_key(es)
+    own = Settings(
+        jwt_algorithm="ES256", jwt_private_key="k", jwt_public_key="k", otp_secret="s" * 32
+    )
+    assert otp_key(own) == b"s" * 32
+    assert otp_key(Settings()) == DEV_JWT_SECRET.encode()  # HS256: the signing secret

@@ -11,7 +11,7 @@ from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.handlers.base import BaseRouteHandler
 
-from selfserve.auth.tokens import Principal, TokenError, decode_access_token
+from selfserve.auth.tokens import Principal, TokenError, decode_access_token_expiry
 from selfserve.errors import Forbidden, NotFound, Unauthorized
 from selfserve.settings import Settings
 
@@ -27,9 +27,27 @@ _CURRENT_SQL = {
         FROM staff s LEFT JOIN staff_branches sb ON sb.staff_id = s.id
         WHERE s.id = $1 GROUP BY s.id
     """,
-    "device": "SELECT active, 'kiosk' AS role, ARRAY[branch_id] AS branch_ids "
+    "device": "SELECT active, kind AS role, ARRAY[branch_id] AS branch_ids "
     "FROM devices WHERE id = $1",
 }
+
+
+async def current_rights(pool: asyncpg.Pool, principal: Principal) -> Principal | None:
+    """The principal with its role and branches as they are now in the database; None
+    when the staff account or device was deactivated (or deleted). Customers have no
+    rights to lose: they come back as they are."""
+    sql = _CURRENT_SQL.get(principal.kind)
+    if sql is None:
+        return principal
+    row = await pool.fetchrow(sql, principal.id)
+    if row is None or not row["active"]:
+        return None
+    role = row["role"]
+    return msgspec.structs.replace(
+        principal,
+        role=role,
+        branches=None if role == "admin" else tuple(row["branch_ids"]),
+    )
 
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
@@ -43,29 +61,29 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Princi
         raise Unauthorized(headers={"www-authenticate": 'Bearer realm="selfserve"'})
     settings: Settings = connection.app.state.settings
     try:
-        principal = decode_access_token(settings, token.strip())
+        principal, expires_at = decode_access_token_expiry(settings, token.strip())
     except TokenError:
         raise Unauthorized(
             code="invalid_token",
             headers={"www-authenticate": 'Bearer error="invalid_token"'},
         ) from None
-    sql = _CURRENT_SQL.get(principal.kind)
-    if sql is not None:
-        pool: asyncpg.Pool = connection.app.state.pool
-        row = await pool.fetchrow(sql, principal.id)
-        if row is None or not row["active"]:
-            raise Unauthorized(
-                code="invalid_token",
-                headers={"www-authenticate": 'Bearer error="invalid_token"'},
-            )
-        role = row["role"]
-        principal = msgspec.structs.replace(
-            principal,
-            role=role,
-            branches=None if role == "admin" else tuple(row["branch_ids"]),
+    current = await current_rights(connection.app.state.pool, principal)
+    if current is None:
+        raise Unauthorized(
+            code="invalid_token",
+            headers={"www-authenticate": 'Bearer error="invalid_token"'},
         )
-    connection.scope.setdefault("state", {})["principal"] = principal
+    principal = current
+    state = connection.scope.setdefault("state", {})
+    state["principal"] = principal
+    state["token_expires_at"] = expires_at
     return principal
+
+
+def token_expiry(connection: ASGIConnection[Any, Any, Any, Any]) -> float | None:
+    """When the access token `authenticate` accepted for this connection expires."""
+    value = connection.scope.get("state", {}).get("token_expires_at")
+    return value if isinstance(value, float) else None
 
 
 def require(*roles: str) -> Guard:
@@ -89,12 +107,14 @@ ADMIN_READERS = ("admin", "manager", "staff")
 
 
 def ensure_can_write(principal: Principal, branch_id: int) -> None:
-    """A manager writes only inside their branches; the branch is named by the caller."""
+    """A manager writes only inside their branches. Outside the caller's scope is 404,
+    as if the object did not exist; 403 only for a role that never writes."""
     if principal.role == "admin":
         return
-    if principal.role == "manager" and principal.in_scope(branch_id):
-        return
-    raise Forbidden(code="branch_forbidden")
+    if not principal.in_scope(branch_id):
+        raise NotFound()
+    if principal.role != "manager":
+        raise Forbidden()
 
 
 def ensure_visible(principal: Principal, branch_id: int) -> None:

@@ -48,8 +48,17 @@ RETURNING id
 """
 
 
+def otp_key(settings: Settings) -> bytes:
+    """The key of stored code hashes: never a built-in key when tokens are ES256."""
+    if settings.otp_secret is not None:
+        return settings.otp_secret.encode()
+    if settings.jwt_algorithm != "HS256":
+        raise RuntimeError("SELFSERVE_OTP_SECRET is required with ES256")
+    return settings.jwt_secret.encode()
+
+
 def _code_hash(settings: Settings, phone: str, code: str) -> bytes:
-    key = settings.jwt_secret.encode()
+    key = otp_key(settings)
     return hmac.new(key, f"otp:{phone}:{code}".encode(), hashlib.sha256).digest()
 
 

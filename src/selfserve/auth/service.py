@@ -155,7 +155,7 @@ async def device_login(
         principal = Principal(
             kind="device",
             id=row["id"],
-            role="kiosk",
+            role=row["kind"],
             channel="kiosk",
             branches=(row["branch_id"],),
         )
@@ -171,14 +171,14 @@ async def _reload_principal(
         return _principal_for_staff(row) if row and row["active"] else None
     if kind == "device":
         row = await conn.fetchrow(
-            "SELECT branch_id, active FROM devices WHERE id = $1", principal_id
+            "SELECT branch_id, kind, active FROM devices WHERE id = $1", principal_id
         )
         if not row or not row["active"]:
             return None
         return Principal(
             kind="device",
             id=principal_id,
-            role="kiosk",
+            role=row["kind"],
             channel="kiosk",
             branches=(row["branch_id"],),
         )

@@ -13,9 +13,21 @@ import msgspec
 
 from selfserve.settings import Settings
 
-Role = Literal["admin", "manager", "staff", "kiosk", "customer"]
+Role = Literal["admin", "manager", "staff", "kiosk", "display", "customer"]
 Channel = Literal["app", "mini_program", "kiosk", "sms", "web", "staff"]
-ROLES: tuple[str, ...] = ("admin", "manager", "staff", "kiosk", "customer")
+ROLES: tuple[str, ...] = ("admin", "manager", "staff", "kiosk", "display", "customer")
+# The roles each kind of subject can hold: a token whose claims disagree with its
+# subject is refused however it is signed (a customer never carries staff rights).
+ROLES_OF: dict[str, frozenset[str]] = {
+    "customer": frozenset({"customer"}),
+    "device": frozenset({"kiosk", "display"}),
+    "staff": frozenset({"admin", "manager", "staff"}),
+}
+CHANNELS_OF: dict[str, frozenset[str]] = {
+    "customer": frozenset({"app", "mini_program", "web"}),
+    "device": frozenset({"kiosk"}),
+    "staff": frozenset({"staff"}),
+}
 CHANNELS: tuple[str, ...] = ("app", "mini_program", "kiosk", "sms", "web", "staff")
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub", "role", "channel"]
 
@@ -76,6 +88,11 @@ def issue_access_token(
 
 def decode_access_token(settings: Settings, token: str) -> Principal:
     """Verify signature, algorithm, expiry, issuer and audience; raise TokenError."""
+    return decode_access_token_expiry(settings, token)[0]
+
+
+def decode_access_token_expiry(settings: Settings, token: str) -> tuple[Principal, float]:
+    """`decode_access_token`, also giving the token's expiry (Unix time)."""
     try:
         claims = jwt.decode(
             token,
@@ -92,10 +109,10 @@ def decode_access_token(settings: Settings, token: str) -> Principal:
         kind, _, raw_id = str(claims["sub"]).partition(":")
         role = claims["role"]
         channel = claims["channel"]
-        if kind not in ("staff", "device", "customer") or role not in ROLES:
-            raise TokenError("bad subject or role")
-        if channel not in CHANNELS:
-            raise TokenError("bad channel")
+        if kind not in ROLES_OF or role not in ROLES_OF[kind]:
+            raise TokenError("role does not agree with the subject")
+        if channel not in CHANNELS or channel not in CHANNELS_OF[kind]:
+            raise TokenError("channel does not agree with the subject")
         raw_branches = claims.get("branches")
         branches: tuple[int, ...] | None
         if raw_branches == "*":
@@ -104,15 +121,22 @@ def decode_access_token(settings: Settings, token: str) -> Principal:
             branches = None
         elif isinstance(raw_branches, list):
             branches = tuple(int(b) for b in raw_branches)
-        else:
+        elif raw_branches is None:
             branches = ()
-        return Principal(
+        else:
+            raise TokenError("malformed branches")
+        if kind == "customer" and branches:
+            raise TokenError("a customer has no branch scope")
+        if kind == "device" and (branches is None or len(branches) != 1):
+            raise TokenError("a device belongs to exactly one branch")
+        principal = Principal(
             kind=kind,  # type: ignore[arg-type]  # checked against the literal above
             id=int(raw_id),
             role=role,
             channel=channel,
             branches=branches,
         )
+        return principal, float(claims["exp"])
     except (KeyError, ValueError, TypeError):
         raise TokenError("malformed claims") from None
 

@@ -279,6 +279,7 @@ class DeviceCreate(Input, kw_only=True):
 
 class DeviceUpdate(Input, kw_only=True):
     name: Name | UnsetType = UNSET
+    kind: DeviceKind | UnsetType = UNSET  # its rights change at the device's next request
 
 
 class Device(msgspec.Struct, kw_only=True):

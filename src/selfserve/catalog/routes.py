@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, Router, get, patch, post
+from litestar import Controller, Request, Router, get, patch, post
 from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from selfserve.auth.guards import ADMIN_READERS, ADMIN_WRITERS, Caller, require
@@ -43,6 +43,7 @@ from selfserve.catalog.models import (
 )
 from selfserve.context import DbPool
 from selfserve.openapi_util import problems
+from selfserve.queueing.live import announce_rights_change
 
 PathId = Annotated[int, PathParameter(le=MAX_BIGINT)]
 Limit = Annotated[int, QueryParameter(ge=1, le=200, description="Page size (max 200)")]
@@ -559,12 +560,15 @@ class AdminDeviceController(Controller):
     )
     async def update(
         self,
+        request: Request[Any, Any, Any],
         pool: DbPool,
         principal: Caller,
         device_id: PathId,
         data: JSONBody[DeviceUpdate],
     ) -> Device:
-        return await svc.update_device(pool, principal, device_id, data)
+        device = await svc.update_device(pool, principal, device_id, data)
+        announce_rights_change(request.app, f"device:{device_id}")  # its kind may have changed
+        return device
 
     @post(
         "/{device_id:int}/deactivate",
@@ -574,8 +578,12 @@ class AdminDeviceController(Controller):
         description="Its tokens stop working at once.",
         responses=ONE_ERRORS,
     )
-    async def deactivate(self, pool: DbPool, principal: Caller, device_id: PathId) -> Device:
-        return await svc.deactivate_device(pool, principal, device_id)
+    async def deactivate(
+        self, request: Request[Any, Any, Any], pool: DbPool, principal: Caller, device_id: PathId
+    ) -> Device:
+        device = await svc.deactivate_device(pool, principal, device_id)
+        announce_rights_change(request.app, f"device:{device_id}")  # open boards end at once
+        return device
 
 
 class AdminStaffController(Controller):
@@ -630,9 +638,16 @@ class AdminStaffController(Controller):
         responses=WRITE_ERRORS,
     )
     async def update(
-        self, pool: DbPool, principal: Caller, staff_id: PathId, data: JSONBody[StaffUpdate]
+        self,
+        request: Request[Any, Any, Any],
+        pool: DbPool,
+        principal: Caller,
+        staff_id: PathId,
+        data: JSONBody[StaffUpdate],
     ) -> StaffAccount:
-        return await svc.update_staff(pool, principal, staff_id, data)
+        account = await svc.update_staff(pool, principal, staff_id, data)
+        announce_rights_change(request.app, f"staff:{staff_id}")  # role or branches may change
+        return account
 
     @post(
         "/{staff_id:int}/deactivate",
@@ -642,8 +657,12 @@ class AdminStaffController(Controller):
         description="Its tokens stop working at once.",
         responses={**ONE_ERRORS, **problems(409)},
     )
-    async def deactivate(self, pool: DbPool, principal: Caller, staff_id: PathId) -> StaffAccount:
-        return await svc.deactivate_staff(pool, principal, staff_id)
+    async def deactivate(
+        self, request: Request[Any, Any, Any], pool: DbPool, principal: Caller, staff_id: PathId
+    ) -> StaffAccount:
+        account = await svc.deactivate_staff(pool, principal, staff_id)
+        announce_rights_change(request.app, f"staff:{staff_id}")  # open boards end at once
+        return account
 
 
 ROUTERS: list[type[Controller] | Router] = [

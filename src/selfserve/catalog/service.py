@@ -222,11 +222,12 @@ async def deactivate_branch(pool: asyncpg.Pool, principal: Principal, branch_id:
 
 
 async def _branch_for_write(conn: Conn, principal: Principal, branch_id: int) -> None:
-    """The named branch must exist, be active and lie inside the caller's scope."""
-    ensure_can_write(principal, branch_id)
+    """The named branch must exist, be active and lie inside the caller's scope (one
+    outside it is answered as a missing one)."""
     active = await conn.fetchval("SELECT active FROM branches WHERE id = $1 FOR SHARE", branch_id)
-    if active is None:
+    if active is None or not principal.in_scope(branch_id):
         raise InvalidInput.field("branch_id", "no such branch")
+    ensure_can_write(principal, branch_id)  # in scope: only the role is left to check
     if not active:
         raise InvalidInput(
             errors=[FieldError("branch_id", "branch is deactivated")], code="inactive_reference"
@@ -892,21 +893,32 @@ async def deactivate_device(pool: asyncpg.Pool, principal: Principal, device_id:
 
 
 def _check_staff_grant(principal: Principal, role: str, branch_ids: list[int]) -> None:
-    """Admins grant anything; a manager only creates staff inside their own branches."""
+    """Admins grant anything; a manager only manages staff inside their own branches
+    (an account visible to them that reaches beyond is theirs to read, not to change).
+    Branches asked for outside the manager's scope are refused by `_check_branches`."""
     if principal.role == "admin":
         return
     if principal.role != "manager" or role != "staff":
         raise Forbidden()
     if not branch_ids:
         raise InvalidInput.field("branch_ids", "a staff account needs at least one branch")
-    for b in branch_ids:
-        ensure_can_write(principal, b)
 
 
-async def _check_branches(conn: Conn, role: str, branch_ids: list[int]) -> None:
+def _check_current_grant(principal: Principal, account: StaffAccount) -> None:
+    _check_staff_grant(principal, account.role, account.branch_ids)
+    if any(not principal.in_scope(b) for b in account.branch_ids):
+        raise Forbidden(code="branch_forbidden")
+
+
+async def _check_branches(
+    conn: Conn, principal: Principal, role: str, branch_ids: list[int]
+) -> None:
+    """Every branch exists, is active and is in the caller's scope; one outside it
+    is refused exactly as a missing one."""
     if role != "admin" and not branch_ids:
         raise InvalidInput.field("branch_ids", f"a {role} account needs at least one branch")
-    bad = await conn.fetchval(q.CHECK_BRANCHES_ACTIVE, branch_ids) if branch_ids else None
+    bad = list(await conn.fetchval(q.CHECK_BRANCHES_ACTIVE, branch_ids) or []) if branch_ids else []
+    bad += [b for b in branch_ids if not principal.in_scope(b)]
     if bad:
         raise InvalidInput.field("branch_ids", f"no such active branch: {sorted(set(bad))}")
 
@@ -928,7 +940,7 @@ async def create_staff(pool: asyncpg.Pool, principal: Principal, data: StaffCrea
     password_hash = await hash_password_async(data.password)
     try:
         async with transaction(pool) as conn:
-            await _check_branches(conn, data.role, branch_ids)
+            await _check_branches(conn, principal, data.role, branch_ids)
             sid = await conn.fetchval(
                 q.INSERT_STAFF, data.email.strip(), data.name, password_hash, data.role
             )
@@ -1011,9 +1023,9 @@ async def update_staff(
         await conn.execute("SELECT 1 FROM staff WHERE id = $1 FOR UPDATE", staff_id)
         role = changes.get("role", current.role)
         branch_ids = sorted(set(changes.get("branch_ids", current.branch_ids)))
-        _check_staff_grant(principal, current.role, current.branch_ids)
+        _check_current_grant(principal, current)
         _check_staff_grant(principal, role, branch_ids)
-        await _check_branches(conn, role, branch_ids)
+        await _check_branches(conn, principal, role, branch_ids)
         columns: dict[str, Any] = {}
         if "name" in changes:
             columns["name"] = changes["name"]
@@ -1036,7 +1048,7 @@ async def deactivate_staff(pool: asyncpg.Pool, principal: Principal, staff_id: i
         current = await _load_staff(conn, staff_id)
         if current is None or not _staff_visible(principal, current):
             raise NotFound()
-        _check_staff_grant(principal, current.role, current.branch_ids)
+        _check_current_grant(principal, current)
         if current.id == principal.id and principal.kind == "staff":
             raise Conflict(detail="you cannot deactivate your own account")
         await conn.execute(

@@ -72,7 +72,7 @@ SELECT id, phone, branch_id, template, locale, body, segments, encoding, time_cr
 FROM messages
 WHERE ($1::text IS NULL OR phone = $1)
   AND ($2::text IS NULL OR status = $2)
-  AND ($3::bigint[] IS NULL OR branch_id IS NULL OR branch_id = ANY($3))
+  AND ($3::bigint[] IS NULL OR branch_id = ANY($3))
   AND ($4::bigint = 0 OR id < $4)
 ORDER BY id DESC
 LIMIT $5
@@ -88,8 +88,8 @@ async def message_log(
     limit: int,
     cursor: str | None,
 ) -> MessagePage:
-    """Newest first. Staff see their branches' messages and those tied to no branch
-    (sign-in codes, always masked)."""
+    """Newest first. Staff and managers see only their branches' messages; messages
+    tied to no branch (sign-in codes, always masked) only admins see."""
     before = decode_cursor(cursor)
     scope = list(principal.branches) if principal.branches is not None else None
     rows: list[Any] = await pool.fetch(LOG_SQL, phone, status, scope, before, limit + 1)
@@ -113,7 +113,9 @@ class MessageLogController(Controller):
         "/",
         operation_id="adminListMessages",
         summary="Message log: did the customer get the reminder?",
-        description="Newest first; one-time codes are masked.",
+        description="Newest first; one-time codes are masked. Staff and managers see "
+        "the messages of their branches; messages tied to no branch (sign-in codes) "
+        "only admins see.",
         responses=problems(401, 403, 422),
     )
     async def list_messages(

@@ -24,6 +24,7 @@ class ClaimedMessage(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
     expires_at: datetime | None = None
     past_deadline: bool = False
+    template: str = ""
 
 
 class SmsRequest(msgspec.Struct, frozen=True, kw_only=True):

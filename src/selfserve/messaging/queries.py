@@ -60,6 +60,7 @@ WHERE m.id = $1
        OR (m.status = 'sending' AND m.claimed_at < now() - make_interval(secs => $2)))
 RETURNING m.id, m.phone, m.body, m.branch_id, m.time_critical, m.attempts, m.maybe_sent,
     m.created_at, m.expires_at, coalesce(m.expires_at <= now(), false) AS past_deadline,
+    m.template,
     (SELECT b.timezone FROM branches b WHERE b.id = m.branch_id) AS branch_timezone
 """
 # Why a job found nothing to claim.
@@ -74,9 +75,12 @@ ON CONFLICT (phone) DO NOTHING
 """
 SIDS_IN_USE = "SELECT provider_sid FROM messages WHERE provider_sid = ANY($1::text[])"
 
+# $5: the body with its secret masked, once the provider holds it (sign-in codes);
+# NULL keeps the body.
 MARK_SENT = """
 UPDATE messages
 SET status = 'sent', provider_sid = $3, sent_at = coalesce($4, now()), maybe_sent = false,
+    body = coalesce($5, body),
     claimed_at = NULL, error_code = NULL, error_message = NULL, updated_at = now()
 WHERE id = $1 AND status = 'sending' AND attempts = $2
 """
@@ -84,13 +88,13 @@ WHERE id = $1 AND status = 'sending' AND attempts = $2
 MARK_SKIPPED = """
 UPDATE messages
 SET status = 'skipped', attempts = attempts - 1, claimed_at = NULL, error_message = $3,
-    updated_at = now()
+    body = coalesce($4, body), updated_at = now()
 WHERE id = $1 AND status = 'sending' AND attempts = $2
 """
 MARK_FAILED = """
 UPDATE messages
 SET status = 'failed', claimed_at = NULL, maybe_sent = false, error_code = $3,
-    error_message = $4, updated_at = now()
+    error_message = $4, body = coalesce($5, body), updated_at = now()
 WHERE id = $1 AND status = 'sending' AND attempts = $2
 RETURNING phone
 """

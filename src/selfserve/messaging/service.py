@@ -63,6 +63,7 @@ from selfserve.db import Conn, to_struct, transaction
 from selfserve.logs import mask_phone
 from selfserve.messaging import queries as q
 from selfserve.messaging.inbound import apply_early_status
+from selfserve.messaging.log import SECRET_TEMPLATES, masked_body
 from selfserve.messaging.models import (
     ENCODINGS,
     LOCALES,
@@ -350,7 +351,7 @@ async def send_message(ctx: dict[str, Any], message_id: int) -> str:
         return await _past_deadline(pool, transport, msg)
 
     if await pool.fetchval(q.IS_OPTED_OUT, msg.phone):
-        await pool.execute(q.MARK_SKIPPED, msg.id, msg.attempts, "opted_out")
+        await pool.execute(q.MARK_SKIPPED, msg.id, msg.attempts, "opted_out", _scrubbed(msg))
         bound.info("sms_skipped", reason="opted_out")
         return "skipped"
 
@@ -460,12 +461,22 @@ async def _earlier_send(
     return next((f for f in found if f.provider_sid not in taken), None)
 
 
+def _scrubbed(msg: ClaimedMessage) -> str | None:
+    """The body to keep once a message is finished: a one-time code is masked as soon
+    as the provider holds it (or it will never be sent), so the database never keeps
+    it in clear. Until then it stays whole: a retry after a crash must find the sent
+    text at the provider (`_earlier_send` compares bodies) or send it again."""
+    if msg.template not in SECRET_TEMPLATES:
+        return None
+    return masked_body(msg.template, msg.body)
+
+
 async def _mark_sent(
     pool: asyncpg.Pool, msg: ClaimedMessage, receipt: SendReceipt, *, sent_at: datetime | None
 ) -> None:
     async with transaction(pool) as conn:
         result: str = await conn.execute(
-            q.MARK_SENT, msg.id, msg.attempts, receipt.provider_sid, sent_at
+            q.MARK_SENT, msg.id, msg.attempts, receipt.provider_sid, sent_at, _scrubbed(msg)
         )
         if not result.endswith(" 0"):
             # A delivery callback may have beaten us here; it waited for this sid.
@@ -478,7 +489,9 @@ async def _mark_sent(
 
 async def _fail(pool: asyncpg.Pool, msg: ClaimedMessage, code: str, message: str) -> None:
     async with transaction(pool) as conn:
-        phone = await conn.fetchval(q.MARK_FAILED, msg.id, msg.attempts, code, message)
+        phone = await conn.fetchval(
+            q.MARK_FAILED, msg.id, msg.attempts, code, message, _scrubbed(msg)
+        )
         if phone is not None and code == UNSUBSCRIBED_ERROR:
             # The recipient replied STOP to our number at the carrier: remember it.
             await conn.execute(q.OPT_OUT, phone, "carrier")

@@ -17,6 +17,7 @@ listener reconnects and subscribes again; the next `board` snapshot catches up.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime
@@ -38,7 +39,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from selfserve.auth.guards import Guard, authenticate
+from selfserve.auth.guards import Guard, authenticate, current_rights, token_expiry
 from selfserve.auth.tokens import Principal
 from selfserve.errors import Forbidden, Unauthorized
 from selfserve.queueing import eta as eta_model
@@ -49,7 +50,8 @@ from selfserve.settings import Settings
 
 log = structlog.get_logger("selfserve.live")
 
-BOARD_ROLES: Final = ("kiosk", "staff", "manager", "admin")
+BOARD_ROLES: Final = ("kiosk", "display", "staff", "manager", "admin")
+TICKET_WATCHERS: Final = ("kiosk", "staff", "manager", "admin")  # and the ticket's customer
 FINAL_STATUSES: Final = frozenset({"done", "no_show", "cancelled"})
 KEEPALIVE_S: Final = 15.0
 """An SSE comment this often keeps proxies from cutting an idle stream."""
@@ -61,13 +63,17 @@ REDIS_RETRY_MAX_S: Final = 30.0
 
 # WebSocket close codes of the board feed (4000-4999: application defined).
 WS_UNAUTHORIZED: Final = 4401  # token missing, invalid, expired or revoked
-WS_FORBIDDEN: Final = 4403  # not a kiosk of this branch, nor staff in scope
-WS_NOT_FOUND: Final = 4404  # no such (active) branch
+WS_FORBIDDEN: Final = 4403  # a role that never reads boards, or rights lost while open
+WS_NOT_FOUND: Final = 4404  # no such (active) branch, or one outside the caller's scope
 WS_UNAVAILABLE: Final = 1011  # the live feed is not running in this process
 
 
 def branch_channel(branch_id: int) -> str:
     return f"branch:{branch_id}"
+
+
+RIGHTS_CHANNEL: Final = "rights"
+"""Subjects (`device:5`, `staff:7`) whose rights were just taken away or changed."""
 
 
 # --- the channels backend ------------------------------------------------------------
@@ -348,14 +354,30 @@ def available(app: Litestar) -> bool:
     return _plugin(app) is not None
 
 
+def announce_rights_change(app: Litestar, subject: str) -> None:
+    """After a commit that may take rights away (a device or staff account
+    deactivated, a device's kind or an account's role or branches changed): the open
+    boards and ticket streams of `subject` (`device:5`, `staff:7`), in every API
+    process, re-check at once instead of at their next periodic check. Best effort:
+    a message Redis loses is made up for by the periodic check."""
+    channels = _plugin(app)
+    if channels is not None:
+        channels.publish(subject.encode(), channels=[RIGHTS_CHANNEL])
+
+
 @asynccontextmanager
 async def subscription(app: Litestar, branch_id: int) -> AsyncIterator[asyncio.Queue[bytes]]:
     """The events of a branch from now on, in a bounded inbox; the subscription ends
     with the block however it is left (disconnect, cancellation, error)."""
+    async with _subscribed(app, branch_channel(branch_id)) as inbox:
+        yield inbox
+
+
+@asynccontextmanager
+async def _subscribed(app: Litestar, channel: str) -> AsyncIterator[asyncio.Queue[bytes]]:
     plugin = _plugin(app)
     if plugin is None:
         raise RuntimeError("the live feed is not running")
-    channel = branch_channel(branch_id)
     inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=INBOX_SIZE)
 
     async def deliver(data: bytes) -> None:
@@ -389,8 +411,11 @@ async def authenticate_live(connection: ASGIConnection[Any, Any, Any, Any]) -> P
         "headers": [*connection.scope["headers"], (b"authorization", header)],
         "state": {},  # parsed headers are cached in the state: start afresh
     }
-    principal = await authenticate(ASGIConnection(scope))
-    connection.scope.setdefault("state", {})["principal"] = principal  # for `principal`
+    checked: ASGIConnection[Any, Any, Any, Any] = ASGIConnection(scope)
+    principal = await authenticate(checked)
+    state = connection.scope.setdefault("state", {})
+    state["principal"] = principal  # for `principal`
+    state["token_expires_at"] = token_expiry(checked)
     return principal
 
 
@@ -404,6 +429,66 @@ def require_live(*roles: str) -> Guard:
 
     guard.__name__ = "require_live_" + ("_".join(roles) or "any")
     return guard
+
+
+async def rights_lost(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    principal: Principal,
+    expires_at: float | None,
+    allowed: Callable[[Principal], bool],
+    announced: asyncio.Queue[bytes] | None = None,
+) -> tuple[int, str]:
+    """Wait until an open stream's caller may no longer read it: the token expires
+    (4401), the device or staff account is deactivated (4401), or its role or branches
+    change so that `allowed` refuses it (4403). Rights are read again from the database
+    every `SELFSERVE_LIVE_RECHECK` seconds, and at once when the caller's subject is
+    `announced` (`announce_rights_change`, read from the `RIGHTS_CHANNEL` inbox); the
+    expiry is waited for exactly. Returns the close code and reason. While the
+    database is unreachable the stream goes on and the next check decides."""
+    subject = principal.subject.encode()
+    next_check = time.monotonic() + settings.live_recheck_s
+    while True:
+        wait = next_check - time.monotonic()
+        if expires_at is not None:
+            left = expires_at - time.time()
+            if left <= 0:
+                return WS_UNAUTHORIZED, "token expired"
+            wait = min(wait, left)
+        if wait > 0 and not await _announced(announced, subject, wait):
+            continue  # time for the periodic check, or the expiry: the loop decides
+        next_check = time.monotonic() + settings.live_recheck_s
+        try:
+            current = await current_rights(pool, principal)
+        except Exception as exc:  # the database away, the pool closing: check again later
+            log.warning("live_rights_check_failed", error=type(exc).__name__)
+            continue
+        if current is None:
+            return WS_UNAUTHORIZED, "revoked"
+        if not allowed(current):
+            return WS_FORBIDDEN, "forbidden"
+
+
+async def _announced(inbox: asyncio.Queue[bytes] | None, subject: bytes, within_s: float) -> bool:
+    """Whether `subject` is announced within `within_s` seconds (others are skipped)."""
+    if inbox is None:
+        await asyncio.sleep(within_s)
+        return False
+    try:
+        async with asyncio.timeout(within_s):
+            while await inbox.get() != subject:
+                pass
+    except TimeoutError:
+        return False
+    return True
+
+
+@asynccontextmanager
+async def rights_announcements(app: Litestar) -> AsyncIterator[asyncio.Queue[bytes]]:
+    """Subjects announced by `announce_rights_change` from now on (open it before the
+    stream's first message, so no announcement after that is missed)."""
+    async with _subscribed(app, RIGHTS_CHANNEL) as inbox:
+        yield inbox
 
 
 @lru_cache(maxsize=16)
@@ -426,8 +511,11 @@ async def serve_board(socket: WebSocket[Any, Any, Any], branch_id: int) -> None:
     except Unauthorized:
         await socket.close(code=WS_UNAUTHORIZED, reason="unauthorized")
         return
-    if principal.role not in BOARD_ROLES or not principal.in_scope(branch_id):
+    if principal.role not in BOARD_ROLES:
         await socket.close(code=WS_FORBIDDEN, reason="forbidden")
+        return
+    if not principal.in_scope(branch_id):  # answered as a missing branch
+        await socket.close(code=WS_NOT_FOUND, reason="not found")
         return
     app = socket.app
     if not available(app):
@@ -436,20 +524,42 @@ async def serve_board(socket: WebSocket[Any, Any, Any], branch_id: int) -> None:
     pool: asyncpg.Pool = app.state.pool
     settings: Settings = app.state.settings
     # Subscribe first, then read: nothing committed after the snapshot is missed.
-    async with subscription(app, branch_id) as inbox:
+    async with subscription(app, branch_id) as inbox, rights_announcements(app) as announced:
         async with pool.acquire() as conn:
             if not await conn.fetchval("SELECT active FROM branches WHERE id = $1", branch_id):
                 await socket.close(code=WS_NOT_FOUND, reason="not found")
                 return
             snapshot = await board_snapshot(conn, branch_id, svc.utcnow(), settings)
         await socket.send_text(_text(snapshot))
-        await _forward_until_disconnect(socket, inbox)
+
+        def allowed(current: Principal) -> bool:
+            return current.role in BOARD_ROLES and current.in_scope(branch_id)
+
+        await _forward_until_disconnect(
+            socket,
+            inbox,
+            lambda: rights_lost(
+                pool, settings, principal, token_expiry(socket), allowed, announced
+            ),
+        )
 
 
 async def _forward_until_disconnect(
-    socket: WebSocket[Any, Any, Any], inbox: asyncio.Queue[bytes]
+    socket: WebSocket[Any, Any, Any],
+    inbox: asyncio.Queue[bytes],
+    lost: Callable[[], Awaitable[tuple[int, str]]],
 ) -> None:
+    """Forward the inbox to the board until it goes, or until `lost` answers a close
+    code (the caller's rights went): then close with it."""
     async with anyio.create_task_group() as tasks:
+
+        async def watch() -> None:
+            code, reason = await lost()
+            with suppress(WebSocketDisconnect, OSError, RuntimeError):
+                await socket.close(code=code, reason=reason)
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
 
         async def forward() -> None:
             try:
@@ -485,18 +595,26 @@ async def ticket_stream(
     ticket_id: int,
     branch_id: int,
     locale: str,
+    expires_at: float | None = None,
 ) -> AsyncGenerator[ServerSentEventMessage, None]:
     """Server-Sent Events for one ticket: `ticket` (TicketOut) first; `position`
     (`{position, eta}`) when its place or wait changes while waiting; `called` when
     it is called or recalled; `ticket` again once it reaches a final state, and the
-    stream ends. A comment every KEEPALIVE_S while nothing happens."""
+    stream ends. A comment every KEEPALIVE_S while nothing happens. When the caller's
+    token expires or their rights go (`rights_lost`), a last `closed` event
+    (`{code, reason}`: 4401 or 4403, as the board's close codes) and the stream ends."""
+
+    def allowed(now: Principal) -> bool:
+        if now.kind == "customer":
+            return True  # their own ticket (checked when the stream opened)
+        return now.role in TICKET_WATCHERS and now.in_scope(branch_id)
 
     async def current() -> TicketOut:
         return await svc.get_ticket(
             pool, principal, ticket_id, now=svc.utcnow(), settings=settings, locale=locale
         )
 
-    async with subscription(app, branch_id) as inbox:
+    async with subscription(app, branch_id) as inbox, rights_announcements(app) as announced:
         ticket = await current()  # read after subscribing: no change falls in between
         yield ServerSentEventMessage(event="ticket", data=_text(ticket), retry=SSE_RETRY_MS)
         if ticket.status in FINAL_STATUSES:
@@ -508,40 +626,67 @@ async def ticket_stream(
             eta.high_min if eta else None,
             locale,
         )
-        while True:
-            try:
-                raw = await asyncio.wait_for(inbox.get(), KEEPALIVE_S)
-            except TimeoutError:
-                yield ServerSentEventMessage(data=None, comment="keep-alive")
-                continue
-            try:
-                event = _decoded(raw)
-            except msgspec.DecodeError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            kind = event.get("type")
-            if kind == "ticket_called" and event.get("ticket_id") == ticket_id:
-                called = {
-                    k: event.get(k)
-                    for k in ("ticket_id", "display_code", "counter_id", "counter", "recalls", "at")
-                }
-                yield ServerSentEventMessage(event="called", data=_text(called))
-            elif kind == "board":
-                place = (event.get("tickets") or {}).get(str(ticket_id))
-                if place is not None:  # still waiting
-                    band = place.get("eta") or {}
-                    now_place = _place(
-                        place.get("position"), band.get("low_min"), band.get("high_min"), locale
+        watcher = asyncio.create_task(
+            rights_lost(pool, settings, principal, expires_at, allowed, announced)
+        )
+        try:
+            while True:
+                getter = asyncio.ensure_future(inbox.get())
+                done, _ = await asyncio.wait(
+                    {getter, watcher}, timeout=KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                if watcher in done:
+                    getter.cancel()
+                    code, reason = watcher.result()
+                    yield ServerSentEventMessage(
+                        event="closed", data=_text({"code": code, "reason": reason})
                     )
-                    if now_place != last:
-                        last = now_place
-                        yield ServerSentEventMessage(event="position", data=_text(now_place))
-                    continue
-                calls = event.get("calls") or []
-                if any(c.get("ticket_id") == ticket_id for c in calls):
-                    continue  # called or serving: the board says so, nothing to send
-                ticket = await current()  # gone from the board: finished, or moved on
-                if ticket.status in FINAL_STATUSES:
-                    yield ServerSentEventMessage(event="ticket", data=_text(ticket))
                     return
+                if getter not in done:
+                    getter.cancel()
+                    yield ServerSentEventMessage(data=None, comment="keep-alive")
+                    continue
+                raw = getter.result()
+                try:
+                    event = _decoded(raw)
+                except msgspec.DecodeError:
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                kind = event.get("type")
+                if kind == "ticket_called" and event.get("ticket_id") == ticket_id:
+                    called = {
+                        k: event.get(k)
+                        for k in (
+                            "ticket_id",
+                            "display_code",
+                            "counter_id",
+                            "counter",
+                            "recalls",
+                            "at",
+                        )
+                    }
+                    yield ServerSentEventMessage(event="called", data=_text(called))
+                elif kind == "board":
+                    place = (event.get("tickets") or {}).get(str(ticket_id))
+                    if place is not None:  # still waiting
+                        band = place.get("eta") or {}
+                        now_place = _place(
+                            place.get("position"),
+                            band.get("low_min"),
+                            band.get("high_min"),
+                            locale,
+                        )
+                        if now_place != last:
+                            last = now_place
+                            yield ServerSentEventMessage(event="position", data=_text(now_place))
+                        continue
+                    calls = event.get("calls") or []
+                    if any(c.get("ticket_id") == ticket_id for c in calls):
+                        continue  # called or serving: the board says so, nothing to send
+                    ticket = await current()  # gone from the board: finished, or moved on
+                    if ticket.status in FINAL_STATUSES:
+                        yield ServerSentEventMessage(event="ticket", data=_text(ticket))
+                        return
+        finally:
+            watcher.cancel()

@@ -13,7 +13,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent
 
-from selfserve.auth.guards import Caller, require
+from selfserve.auth.guards import Caller, require, token_expiry
 from selfserve.catalog.models import MAX_BIGINT
 from selfserve.context import AppSettings, DbPool
 from selfserve.errors import ServiceUnavailable, negotiate_locale
@@ -196,8 +196,13 @@ class TicketController(Controller):
         "branch as a text JSON message: a new `board` after each change and "
         "`ticket_called` (`{ticket_id, display_code, counter_id, counter, recalls, at}`) "
         "on each call, whichever API process made the change. It closes with 4401 (no "
-        "valid token), 4403 (not allowed on this branch), 4404 (no such branch) or 1011 "
-        "(no live feed in this process).",
+        "valid token; on an open feed: the token expired or the device or account was "
+        "deactivated), 4403 (a role that never reads boards, or rights on the branch "
+        "lost while open), 4404 (no such branch, or one outside the caller's scope) or "
+        "1011 (no live feed in this process). Display devices read boards only.\n\n"
+        "Both feeds re-check the caller every `SELFSERVE_LIVE_RECHECK` seconds and at "
+        "the token's expiry; a ticket stream whose caller lost the right to read it "
+        "sends a last `closed` event (`{code, reason}`, codes as the board's) and ends.",
         responses=problems(
             401, 403, 404, 503, s503="The live feed is not running (`service_unavailable`)."
         ),
@@ -214,15 +219,22 @@ class TicketController(Controller):
         ticket_id: PathId,
         access_token: AccessToken = None,  # read by the guard; declared for the schema
     ) -> ServerSentEvent:
-        if not live.available(request.app):
-            raise ServiceUnavailable()
         locale = _locale(request)
-        ticket = await svc.get_ticket(
+        ticket = await svc.get_ticket(  # first: missing and out of scope answer 404
             pool, principal, ticket_id, now=svc.utcnow(), settings=settings, locale=locale
         )
+        if not live.available(request.app):
+            raise ServiceUnavailable()
         return ServerSentEvent(
             live.ticket_stream(
-                request.app, pool, settings, principal, ticket_id, ticket.branch_id, locale
+                request.app,
+                pool,
+                settings,
+                principal,
+                ticket_id,
+                ticket.branch_id,
+                locale,
+                token_expiry(request),
             )
         )
 

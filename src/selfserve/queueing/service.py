@@ -348,8 +348,9 @@ async def view_ticket(
 
 
 def _require_in_branch(principal: Principal, branch_id: int) -> None:
+    """Outside the caller's branches is answered as missing (404), never 403."""
     if not principal.in_scope(branch_id):
-        raise Forbidden(code="branch_forbidden")
+        raise NotFound()
 
 
 def _may_see(principal: Principal, row: Record) -> None:

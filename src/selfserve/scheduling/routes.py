@@ -59,7 +59,8 @@ CONFLICTS = (
     "`idempotency_key_in_progress` (creating, with the same key as a request still running)"
 )
 NO_SHOWS = (
-    "`staff_booking_required` (repeated no-shows: staff book for this customer), `branch_forbidden`"
+    "`staff_booking_required` (repeated no-shows: staff book for this customer), `forbidden` "
+    "(a role that never books, e.g. a display device)"
 )
 TEXTS = (
     "`sms_limit_reached` (a phone typed by a kiosk or staff: too many texts to that number, "

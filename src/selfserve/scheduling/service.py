@@ -222,9 +222,10 @@ async def _once(
 
 
 def _require_booker(principal: Principal, branch_id: int) -> None:
-    """Kiosks and staff act only for their own branches."""
+    """Kiosks and staff act only for their own branches; another branch is answered
+    as a missing one (404)."""
     if principal.kind != "customer" and not principal.in_scope(branch_id):
-        raise Forbidden(code="branch_forbidden")
+        raise NotFound()
 
 
 async def create_hold(
