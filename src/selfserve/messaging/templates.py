@@ -40,6 +40,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "queue_status_reply": frozenset({"ticket", "ahead", "eta"}),
     "queue_status_none_reply": frozenset(),
     "survey_thanks_reply": frozenset(),
+    "booking_cancelled_by_branch": frozenset({"service", "branch", "local_time", "code"}),
+    "booking_moved_by_branch": frozenset({"service", "branch", "local_time", "code"}),
 }
 
 # GSM 03.38 default alphabet; the extension table costs two septets per character.
