@@ -163,6 +163,32 @@ async def test_bad_filters_are_422_naming_the_parameter(
     assert field in {e["field"] for e in resp.json()["errors"]}
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "status=bogus",
+        "branch_id=abc",
+        "branch_id=99999999999999999999",
+        "resource_id=-1",
+        "limit=0",
+        "from=yesterday",
+        "to=2030-13-01T00:00:00Z",
+        "code=" + "Z" * 17,
+        "phone=%2B%EF%BC%91%EF%BC%92",
+        "cursor=" + "A" * 5000,
+        "cursor=%00",
+    ],
+)
+async def test_hostile_queries_are_4xx_problems(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, query: str
+) -> None:
+    admin = await staff_token(client, pool, "admin")
+    resp = await client.get(f"/v1/admin/bookings?{query}", headers=bearer(admin))
+    assert resp.status_code in (400, 422), resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    assert resp.json()["code"]
+
+
 async def test_limit_is_at_most_200(client: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
     admin = await staff_token(client, pool, "admin")
     resp = await client.get("/v1/admin/bookings?limit=201", headers=bearer(admin))
