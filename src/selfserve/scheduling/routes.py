@@ -1,5 +1,6 @@
 """Booking HTTP: availability (anyone), holds and bookings (customers, kiosks and staff),
-the waitlist (customers)."""
+the waitlist (customers), and the bookings of a branch for its staff (day sheet, search,
+cancel and reschedule with a reason)."""
 
 from __future__ import annotations
 
