@@ -50,6 +50,10 @@ TAGS = [
     Tag(name="Admin: queues", description="Walk-in queues: ticket prefix and services."),
     Tag(name="Admin: devices", description="Kiosk devices and their secrets."),
     Tag(name="Admin: staff", description="Staff, manager and admin accounts."),
+    Tag(
+        name="Admin: bookings",
+        description="The day sheet and search; staff cancel and reschedule with a reason.",
+    ),
     Tag(name="SMS (Twilio)", description="Signed Twilio webhooks: inbound SMS and delivery."),
 ]
 

@@ -133,7 +133,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     from selfserve import db
     from selfserve.app import create_app
-    from selfserve.demo import load_demo
+    from selfserve.demo import credentials_text, kiosk_secrets, load_demo
     from selfserve.embedded import EmbeddedServices
 
     os.environ.setdefault("SELFSERVE_ENV", "development")
@@ -178,13 +178,14 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 await pool.close()
 
         creds = asyncio.run(prepare())
+        # Kiosk secrets are stored hashed: the plain ones made on some start are kept here.
         creds_file = settings.data_path / "demo-credentials.json"
-        if creds.kiosk_secret:
+        known = json.loads(creds_file.read_text()) if creds_file.exists() else {}
+        kiosks = kiosk_secrets(known if isinstance(known, dict) else {}, creds)
+        if any(b.kiosk_secret for b in creds.branches):
             settings.data_path.mkdir(parents=True, exist_ok=True)
-            creds_file.write_text(json.dumps({"kiosk_secret": creds.kiosk_secret}))
+            creds_file.write_text(json.dumps({"kiosks": kiosks}))
             creds_file.chmod(0o600)
-        elif creds_file.exists():
-            creds.kiosk_secret = json.loads(creds_file.read_text()).get("kiosk_secret")
 
         env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
         worker = subprocess.Popen([sys.executable, "-m", "selfserve", "worker"], env=env)
@@ -193,9 +194,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             "\nselfserve is starting\n"
             f"  API docs:   {base}/docs\n"
             f"  readiness:  {base}/ready\n"
-            f"  admin:      {creds.admin_email} / {creds.admin_password}\n"
-            f"  manager:    {creds.manager_email} / {creds.manager_password} (Shanghai only)\n"
-            f"  kiosk:      device_id {creds.kiosk_device_id} / secret {creds.kiosk_secret}\n"
+            f"{credentials_text(creds, kiosks)}\n"
             "  Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -6,6 +6,7 @@ running. Data lives under one directory and is reused on the next start.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -162,6 +163,9 @@ class EmbeddedServices:
         if self._pg is not None:
             with contextlib.suppress(Exception):
                 self._pg.cleanup()
+            # Its exit hook would run the cleanup again, taking its lock file, which
+            # recreates the runtime folder (under `root`) after the caller removed it.
+            atexit.unregister(self._pg._cleanup)
             self._pg = None
 
     def __enter__(self) -> EmbeddedServices:

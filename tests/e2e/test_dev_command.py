@@ -194,6 +194,11 @@ def printed_credentials(dev: Dev) -> dict[str, str]:
     }
 
 
+def all_kiosks(dev: Dev) -> list[dict[str, str]]:
+    found = re.findall(r"kiosk:\s+device_id (\d+) / secret (\S+)", dev.stdout())
+    return [{"device_id": d, "secret": s} for d, s in found]
+
+
 class _Assets(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -267,8 +272,16 @@ def test_dev_runs_everything_stops_cleanly_and_keeps_its_data(tmp_path: Path) ->
             demo = public_branches(client)
             assert {b["name"]: b["timezone"] for b in demo} == DEMO_TIMEZONES
 
-            # the printed admin and kiosk credentials work
+            # the printed admin and kiosk credentials work, and those of every branch
             kiosk_login(client, creds)
+            kiosks = all_kiosks(dev)
+            assert len(kiosks) == len(DEMO_TIMEZONES)
+            for kiosk in kiosks:
+                kiosk_login(client, kiosk)
+            accounts = re.findall(r"(?:manager|staff):\s+(\S+) / (\S+)", dev.stdout())
+            assert len(accounts) == 2 * len(DEMO_TIMEZONES), dev.stdout()
+            for email, password in accounts:
+                staff_login(client, email, password)
             admin = staff_login(client, creds["email"], creds["password"])
             branch = client.post(
                 "/v1/admin/branches",
@@ -321,6 +334,7 @@ def test_dev_runs_everything_stops_cleanly_and_keeps_its_data(tmp_path: Path) ->
 
             again = printed_credentials(dev)
             assert again["secret"] == creds["secret"]
+            assert all_kiosks(dev) == kiosks
             kiosk_login(client, again)
             admin = staff_login(client, again["email"], again["password"])
             kept = client.get(f"/v1/admin/resources/{resource_id}", headers=admin)

@@ -460,6 +460,8 @@ async def test_sms_called_turn_near_status_and_survey(
     assert tickets[4]["display_code"] in reply
     assert "4 ahead" in reply
 
+    # the counter's display name is said as it is, in either language
+    await pool.execute("UPDATE resources SET name = 'Counter 1' WHERE id = $1", counter)
     called = (await staff_post(client, h, f"/v1/counters/{counter}/call-next")).json()
     assert called["id"] == tickets[0]["id"]
     texts = await pool.fetch(
@@ -471,14 +473,27 @@ async def test_sms_called_turn_near_status_and_survey(
     for t in texts:
         by_template.setdefault(t["template"], []).append(t["phone"])
     assert by_template["ticket_called"] == [phones[0]]
-    # 3rd in line or nearer (turn_near_position = 3): tickets 1-3 now, each once
-    assert sorted(by_template["turn_near"]) == sorted(phones[1:4])
+    # 3rd in line or nearer (turn_near_position = 3): tickets 1-3 now, each once; the
+    # first of them is next, and told so
+    assert by_template["turn_near_next"] == [phones[1]]
+    assert sorted(by_template["turn_near"]) == sorted(phones[2:4])
+    bodies = {t["phone"]: t["body"] for t in texts}
+    assert bodies[phones[0]] == f"Ticket {tickets[0]['display_code']}: please go to Counter 1 now."
+    assert bodies[phones[1]].startswith(f"Ticket {tickets[1]['display_code']}: you are next.")
+    assert f"{tickets[2]['display_code']}: 1 ahead of you" in bodies[phones[2]]
+    assert not any("0 ahead" in b or "counter Counter" in b for b in bodies.values())
     reply = await sms(pool, phones[0], "查询", module_env.settings)
     counter_name = await pool.fetchval("SELECT name FROM resources WHERE id = $1", counter)
     expected = render(
         "ticket_called", "zh-CN", ticket=tickets[0]["display_code"], counter=counter_name
     ).body
     assert f"<Message>{expected}</Message>" in reply
+    assert "Counter 1" in reply
+    assert "Counter 1号" not in reply
+    reply = await sms(pool, phones[1], "STATUS", module_env.settings)
+    assert f"Ticket {tickets[1]['display_code']}: you are next, about " in reply
+    reply = await sms(pool, phones[2], "STATUS", module_env.settings)
+    assert "1 ahead of you" in reply
 
     await staff_post(client, h, f"/v1/tickets/{called['id']}/start")
     finished_at = datetime.now(UTC)
@@ -528,7 +543,7 @@ async def test_someone_leaving_ahead_brings_the_turn_near_text(
 
     async def near() -> list[str]:
         rows = await pool.fetch(
-            "SELECT phone FROM messages WHERE template = 'turn_near' AND branch_id = $1",
+            "SELECT phone FROM messages WHERE template IN ('turn_near', 'turn_near_next') AND branch_id = $1",
             h.branch_id,
         )
         return sorted(r["phone"] for r in rows)
@@ -589,7 +604,8 @@ async def test_concurrent_calls_texting_turn_near_never_deadlock(
         "UPDATE tickets SET turn_near_sent = false WHERE branch_id = $1", h.branch_id
     )
     await pool.execute(
-        "DELETE FROM messages WHERE template = 'turn_near' AND branch_id = $1", h.branch_id
+        "DELETE FROM messages WHERE template IN ('turn_near', 'turn_near_next') AND branch_id = $1",
+        h.branch_id,
     )
     deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
     before = await pool.fetchval(deadlocks)
@@ -603,7 +619,7 @@ async def test_concurrent_calls_texting_turn_near_never_deadlock(
             await staff_post(client, h, f"/v1/tickets/{tid}/start")
             await staff_post(client, h, f"/v1/tickets/{tid}/finish")
     texted = await pool.fetch(
-        "SELECT phone, count(*) FROM messages WHERE template = 'turn_near' AND branch_id = $1 "
+        "SELECT phone, count(*) FROM messages WHERE template IN ('turn_near', 'turn_near_next') AND branch_id = $1 "
         "GROUP BY phone",
         h.branch_id,
     )

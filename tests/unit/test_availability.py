@@ -583,6 +583,35 @@ def test_fall_back_interval_boundaries_take_the_wider_reading() -> None:
     ]
 
 
+def test_fall_back_opening_inside_the_repeated_hour_offers_both_readings() -> None:
+    # Open 01:30-03:00 on the fall-back Sunday: the hall opens at 01:30 BST and stays
+    # open while the clock goes back to 01:00 GMT, so 01:00 and 01:15 GMT are slots too.
+    lo, hi = local_day(FALL, LONDON)
+    cal = calendar("01:30", "03:00", tz="Europe/London")
+    quarter = ServiceRules(duration_min=15, slot_interval_min=15)
+    result = slots(
+        cal, quarter, [resource()], window_from=lo, window_to=hi, now=lo - timedelta(days=1)
+    )
+    assert starts(result) == [f"{h:02}:{m:02}" for h in (0, 1, 2) for m in (0, 15, 30, 45)][2:]
+    assert [(s.local_start.strftime("%H:%M"), s.local_start.fold) for s in result[:6]] == [
+        ("01:30", 0),
+        ("01:45", 0),
+        ("01:00", 1),
+        ("01:15", 1),
+        ("01:30", 1),
+        ("01:45", 1),
+    ]
+    # on a 30-minute grid the same holds: 01:00 GMT lies on it, 00:30 (BST only) does not
+    half = ServiceRules(duration_min=30, slot_interval_min=30)
+    result = slots(cal, half, [resource()], window_from=lo, window_to=hi, now=lo)
+    assert starts(result) == ["00:30", "01:00", "01:30", "02:00", "02:30"]
+    # an ordinary day has no such readings
+    day = date(2026, 10, 18)
+    lo, hi = local_day(day, LONDON)
+    result = slots(cal, quarter, [resource()], window_from=lo, window_to=hi, now=lo)
+    assert starts(result, LONDON) == ["01:30", "01:45", "02:00", "02:15", "02:30", "02:45"]
+
+
 def test_ordinary_london_day_has_48_half_hours() -> None:
     assert len(london_day(date(2026, 7, 1), HALF_HOURLY, [resource()])) == 48
 
@@ -872,10 +901,13 @@ def reference_slots(
         for weekday, opens, closes in calendar.opening_hours:
             if weekday != day.isoweekday():
                 continue
-            wall = midnight + timedelta(minutes=opens)
+            # The grid, three hours back from `opens` (not before midnight) and on to
+            # `closes`: every instant it reads at or after the opening instant.
+            opened = av._boundary(day, opens, tz, is_end=False)
+            wall = midnight + timedelta(minutes=opens) - interval * (180 // rules.slot_interval_min)
             while wall < midnight + timedelta(minutes=closes):
-                for instant in av._wall_instants(wall, tz):
-                    if first_start <= instant < last_start:
+                for instant in av._wall_instants(wall, tz) if wall >= midnight else ():
+                    if first_start <= instant < last_start and instant >= opened:
                         starts.add(instant)
                 wall += interval
     out: list[Slot] = []
@@ -930,7 +962,11 @@ ZONE_DAYS = [
 def stretch(draw: st.DrawFn) -> tuple[int, int]:
     """A part of the day, mostly a long one; sometimes odd or empty."""
     if draw(st.integers(0, 3)):
-        return draw(st.sampled_from([(480, 1200), (0, 1440), (420, 720), (540, 1035), (60, 180)]))
+        return draw(
+            st.sampled_from(
+                [(480, 1200), (0, 1440), (420, 720), (540, 1035), (60, 180), (90, 180), (75, 150)]
+            )
+        )
     a, b = draw(st.integers(0, 1440)), draw(st.integers(0, 1440))
     return min(a, b), max(a, b)
 

@@ -29,12 +29,33 @@ SAMPLE = {
     "branch": "Holborn",
     "local_time": "Tue 3 Mar 10:30",
     "ticket": "A023",
-    "counter": "4",
+    "counter": "Counter 4",
     "ahead": 2,
     "eta": "10-15 min",
     "bookings": "K7Q2XM Open an account 2027-03-02 10:30; P3RT9W Open an account 2027-03-04 09:00",
     "example": "K7Q2XM",
 }
+
+
+def test_a_called_ticket_hears_the_counters_display_name_as_it_is() -> None:
+    assert render("ticket_called", "en", ticket="A023", counter="Counter 1").body == (
+        "Ticket A023: please go to Counter 1 now."
+    )
+    assert render("ticket_called", "zh-CN", ticket="A023", counter="3号窗口").body == (
+        "请A023号到3号窗口办理。"
+    )
+    assert render("ticket_called", "zh-CN", ticket="A023", counter="Counter 1").body == (
+        "请A023号到Counter 1办理。"
+    )
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_the_next_in_line_is_told_they_are_next_not_zero_ahead(locale: str) -> None:
+    near = render("turn_near_next", locale, ticket="A023").body
+    status = render("queue_status_next_reply", locale, ticket="A023", eta="5 min").body
+    for body in (near, status):
+        assert "0" not in body.replace("A023", "")
+        assert ("you are next" if locale == "en" else "下一位就是您") in body
 
 
 def test_every_locale_has_every_template_with_exact_placeholders() -> None:

@@ -34,6 +34,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "waitlist_offer": frozenset({"service", "branch", "local_time", "minutes"}),
     "ticket_called": frozenset({"ticket", "counter"}),
     "turn_near": frozenset({"ticket", "ahead"}),
+    "turn_near_next": frozenset({"ticket"}),
     "survey": frozenset({"branch"}),
     "opt_out_reply": frozenset(),
     "opt_in_reply": frozenset(),
@@ -41,9 +42,12 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "received_reply": frozenset(),
     "waitlist_declined_reply": frozenset({"service"}),
     "queue_status_reply": frozenset({"ticket", "ahead", "eta"}),
+    "queue_status_next_reply": frozenset({"ticket", "eta"}),
     "queue_status_none_reply": frozenset(),
     "survey_thanks_reply": frozenset(),
     "ticket_closed": frozenset({"ticket", "branch"}),
+    "booking_cancelled_by_branch": frozenset({"service", "branch", "local_time", "code"}),
+    "booking_moved_by_branch": frozenset({"service", "branch", "local_time", "code"}),
 }
 
 # GSM 03.38 default alphabet; the extension table costs two septets per character.

@@ -1071,11 +1071,14 @@ async def _text_near(
 ) -> None:
     expires_at = now + timedelta(minutes=settings.queue_text_ttl_min)
     for r in await conn.fetch(TURN_NEAR, branch_id, near, aged, due):
+        ahead = r["ahead"]
         await _text_ticket(
             conn,
             r,
-            "turn_near",
-            {"ticket": r["display_code"], "ahead": r["ahead"]},
+            "turn_near" if ahead else "turn_near_next",
+            {"ticket": r["display_code"], "ahead": ahead}
+            if ahead
+            else {"ticket": r["display_code"]},
             f"ticket:{r['id']}:turn_near",
             now,
             outbox,
@@ -1149,13 +1152,15 @@ async def sms_status(conn: Conn, sms: inbound.InboundSms) -> str | None:
         return render(
             "ticket_called", sms.locale, ticket=ticket.display_code, counter=counter or ""
         ).body
+    # a plain hyphen keeps an English text in the cheaper GSM-7 encoding
+    eta = ticket.eta.text.replace("\u2013", "-") if ticket.eta else "?"
+    ahead = (ticket.position or 1) - 1
+    if not ahead:
+        return render(
+            "queue_status_next_reply", sms.locale, ticket=ticket.display_code, eta=eta
+        ).body
     return render(
-        "queue_status_reply",
-        sms.locale,
-        ticket=ticket.display_code,
-        ahead=(ticket.position or 1) - 1,
-        # a plain hyphen keeps an English text in the cheaper GSM-7 encoding
-        eta=ticket.eta.text.replace("\u2013", "-") if ticket.eta else "?",
+        "queue_status_reply", sms.locale, ticket=ticket.display_code, ahead=ahead, eta=eta
     ).body
 
 

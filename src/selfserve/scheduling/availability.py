@@ -21,8 +21,15 @@ Candidates. For every branch-local day that is not a closure and every opening
 window ``(weekday, opens, closes)`` of that weekday, candidate starts are the wall
 times ``opens, opens + interval, ...`` strictly before ``closes``. A wall time in
 a spring-forward gap yields no candidate; a wall time repeated by a fall-back
-change yields two candidates (fold 0 and fold 1), distinct instants. Duplicate
-instants (overlapping windows) are offered once.
+change yields two candidates (fold 0 and fold 1), distinct instants. When
+``opens`` itself lies inside the repeated hour, the window opens at its earlier
+reading and the clock then goes back past ``opens``: the grid also runs backwards
+from ``opens`` (``opens - interval, ...``, not before the day's midnight) over the
+wall times read a second time, each giving its later instant (so London opening
+at 01:30 on the last Sunday of October with a 15-minute grid offers 01:30 BST,
+01:45 BST, 01:00 GMT, 01:15 GMT, 01:30 GMT, ...). Every candidate is an instant
+at or after the opening instant. Duplicate instants (overlapping windows) are
+offered once.
 
 A candidate ``start`` becomes a slot when all of these hold:
 
@@ -363,6 +370,18 @@ def _compute_day_starts(
     found: set[datetime] = set()
     for opens, closes in windows:
         wall, end_wall = midnight + timedelta(minutes=opens), midnight + timedelta(minutes=closes)
+        if wall >= end_wall:
+            continue
+        readings = _wall_instants(wall, tz)
+        if len(readings) == 2:
+            # Opening inside a repeated hour: the clock goes back past `opens` after
+            # the window opened; the grid's earlier wall times read a second time
+            # (their later instant) are inside the window too.
+            opened, again = readings
+            back = wall - interval
+            while back >= max(midnight, wall - (again - opened)):
+                found.update(i for i in _wall_instants(back, tz) if i >= opened)
+                back -= interval
         while wall < end_wall:
             found.update(_wall_instants(wall, tz))
             wall += interval

@@ -145,3 +145,52 @@ class WaitlistOut(msgspec.Struct, kw_only=True):
 class WaitlistPage(msgspec.Struct, kw_only=True):
     items: list[WaitlistOut]
     next_cursor: str | None
+
+
+# --- staff ------------------------------------------------------------------------
+
+Reason = Annotated[
+    str, Meta(min_length=1, max_length=500, description="Why staff made the change (kept)")
+]
+
+
+class StaffCancel(Input, kw_only=True):
+    reason: Reason
+
+
+class StaffReschedule(Input, kw_only=True):
+    start: AwareDatetime
+    reason: Reason
+
+
+class BookingChangeOut(msgspec.Struct, kw_only=True):
+    """A change staff made to the booking: who, when and why."""
+
+    id: int
+    action: Literal["cancel", "reschedule"]
+    staff_id: int
+    staff_name: str
+    reason: str
+    old_start: datetime
+    new_start: datetime | None
+    created_at: datetime
+
+
+class AdminBookingOut(BookingOut, kw_only=True):
+    """A booking as staff see it: with its resource and the phone it texts."""
+
+    resource_id: int
+    customer_id: int | None
+    phone: str | None
+    checked_in_at: datetime | None
+    created_at: datetime
+
+
+class AdminBookingDetail(AdminBookingOut, kw_only=True):
+    changes: list[BookingChangeOut]
+    """Changes staff made, oldest first."""
+
+
+class AdminBookingPage(msgspec.Struct, kw_only=True):
+    items: list[AdminBookingOut]
+    next_cursor: str | None

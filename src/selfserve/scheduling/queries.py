@@ -162,3 +162,53 @@ WHERE w.customer_id = $1 AND ($2::bigint IS NULL OR w.id < $2)
 ORDER BY w.id DESC
 LIMIT $3
 """
+
+# --- staff: the day sheet, search and changes ------------------------------------
+
+ADMIN_BOOKING_VIEW = """
+SELECT bk.id, bk.code, bk.status, bk.starts_at, bk.ends_at, bk.branch_id, bk.service_id,
+       bk.resource_id, bk.party_size, bk.channel, bk.cancelled_at, bk.confirmed_by_sms_at,
+       bk.checked_in_at, bk.late_cancellation, bk.customer_id, bk.phone, bk.created_at,
+       b.timezone, b.name AS branch_name, s.name AS service_name
+FROM bookings bk
+JOIN branches b ON b.id = bk.branch_id
+JOIN services s ON s.id = bk.service_id
+"""
+
+ADMIN_BOOKING_BY_ID = ADMIN_BOOKING_VIEW + " WHERE bk.id = $1"
+
+# The caller's branches ($1, NULL: every branch) and the filters (NULL: any); by start,
+# then id. The cursor is the (start, id) of the last row seen.
+ADMIN_BOOKINGS = (
+    ADMIN_BOOKING_VIEW
+    + """
+WHERE ($1::bigint[] IS NULL OR bk.branch_id = ANY($1))
+  AND ($2::bigint IS NULL OR bk.branch_id = $2)
+  AND ($3::bigint IS NULL OR bk.resource_id = $3)
+  AND ($4::bigint IS NULL OR bk.service_id = $4)
+  AND ($5::timestamptz IS NULL OR bk.starts_at >= $5)
+  AND ($6::timestamptz IS NULL OR bk.starts_at < $6)
+  AND ($7::text IS NULL OR bk.status = $7)
+  AND ($8::text IS NULL OR bk.phone = $8)
+  AND ($9::text IS NULL OR bk.code = $9)
+  AND ($10::timestamptz IS NULL OR (bk.starts_at, bk.id) > ($10, $11::bigint))
+ORDER BY bk.starts_at, bk.id
+LIMIT $12
+"""
+)
+
+INSERT_BOOKING_CHANGE = """
+INSERT INTO booking_changes (booking_id, action, staff_id, reason, old_starts_at, new_starts_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING id
+"""
+
+BOOKING_CHANGES = """
+SELECT c.id, c.action, c.staff_id, st.name AS staff_name, c.reason, c.old_starts_at,
+       c.new_starts_at, c.created_at
+FROM booking_changes c JOIN staff st ON st.id = c.staff_id
+WHERE c.booking_id = $1
+ORDER BY c.id
+"""
+
+LOCALE_OF_PHONE = "SELECT locale FROM customers WHERE phone = $1"

@@ -1,5 +1,6 @@
 """Booking HTTP: availability (anyone), holds and bookings (customers, kiosks and staff),
-the waitlist (customers)."""
+the waitlist (customers), and the bookings of a branch for its staff (day sheet, search,
+cancel and reschedule with a reason)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,27 @@ from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 
-from selfserve.auth.guards import Caller, require
+from selfserve.auth.guards import ADMIN_READERS, Caller, require
 from selfserve.catalog.models import MAX_BIGINT
 from selfserve.context import AppSettings, DbPool
 from selfserve.openapi_util import problems
+from selfserve.phones import normalise_phone
 from selfserve.scheduling import service as svc
 from selfserve.scheduling import slots
+from selfserve.scheduling import staff as staff_svc
 from selfserve.scheduling.models import (
+    AdminBookingDetail,
+    AdminBookingPage,
     BookingCreate,
     BookingOut,
     BookingPage,
+    BookingStatus,
     HoldCreate,
     HoldOut,
     Reschedule,
     SlotPage,
+    StaffCancel,
+    StaffReschedule,
     WaitlistCreate,
     WaitlistOut,
     WaitlistPage,
@@ -362,4 +370,135 @@ class WaitlistController(Controller):
         )
 
 
-ROUTERS = [AvailabilityController, HoldController, BookingController, WaitlistController]
+class AdminBookingController(Controller):
+    path = "/v1/admin/bookings"
+    tags = ["Admin: bookings"]
+    guards = [require(*ADMIN_READERS)]
+    security = SECURITY
+
+    @get(
+        "/",
+        operation_id="adminListBookings",
+        summary="The day sheet and booking search of the caller's branches (staff)",
+        description="Bookings whose start lies in [`from`, `to`), matching every filter "
+        "given, by start then id. Staff and managers see their branches' bookings, admins "
+        "every branch's; a branch outside the caller's scope lists nothing.",
+        responses=problems(401, 403, 422),
+    )
+    async def list(
+        self,
+        pool: DbPool,
+        principal: Caller,
+        branch_id: Annotated[int | None, QueryParameter(ge=1, le=MAX_BIGINT)] = None,
+        resource_id: Annotated[int | None, QueryParameter(ge=1, le=MAX_BIGINT)] = None,
+        service_id: Annotated[int | None, QueryParameter(ge=1, le=MAX_BIGINT)] = None,
+        window_from: Annotated[
+            datetime | None,
+            QueryParameter(name="from", description="Starts at or after, RFC 3339 with an offset"),
+        ] = None,
+        window_to: Annotated[
+            datetime | None,
+            QueryParameter(name="to", description="Starts before, RFC 3339 with an offset"),
+        ] = None,
+        status: Annotated[BookingStatus | None, QueryParameter()] = None,
+        phone: Annotated[
+            str | None, QueryParameter(max_length=32, description="E.164 phone")
+        ] = None,
+        code: Annotated[
+            str | None, QueryParameter(max_length=16, description="Booking code")
+        ] = None,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+    ) -> AdminBookingPage:
+        items, nxt = await staff_svc.list_bookings(
+            pool,
+            principal,
+            branch_id=branch_id,
+            resource_id=resource_id,
+            service_id=service_id,
+            window_from=window_from,
+            window_to=window_to,
+            status=status,
+            phone=normalise_phone(phone, mobile=False) if phone else None,
+            code=code,
+            limit=limit,
+            cursor=cursor,
+        )
+        return AdminBookingPage(items=items, next_cursor=nxt)
+
+    @get(
+        "/{booking_id:int}",
+        operation_id="adminGetBooking",
+        summary="Any booking of the caller's branches, with the changes staff made (staff)",
+        responses=problems(401, 403, 404),
+    )
+    async def get(self, pool: DbPool, principal: Caller, booking_id: PathId) -> AdminBookingDetail:
+        return await staff_svc.get_booking(pool, principal, booking_id)
+
+    @post(
+        "/{booking_id:int}/cancel",
+        operation_id="adminCancelBooking",
+        status_code=200,
+        summary="Cancel a booking for the branch, with a reason (staff)",
+        description="Frees its seats at once and offers them to the waitlist, as the "
+        "customer's cancel does, but without the late-cancellation policy. The change is "
+        "recorded (who, when, why) and the booking's phone is texted.",
+        responses=problems(401, 403, 404, 409, 413, 422, s409="`booking_not_active`"),
+    )
+    async def cancel(
+        self,
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        booking_id: PathId,
+        data: JSONBody[StaffCancel],
+    ) -> AdminBookingDetail:
+        return await staff_svc.cancel_booking(
+            pool,
+            redis,
+            principal,
+            booking_id,
+            data.reason,
+            now=slots.utcnow(),
+            policy=policy_of(settings),
+        )
+
+    @post(
+        "/{booking_id:int}/reschedule",
+        operation_id="adminRescheduleBooking",
+        status_code=200,
+        summary="Move a booking atomically for the branch, with a reason (staff)",
+        description="The same rules as the customer's reschedule: the new start must be a "
+        "slot of the service with room for the party, else 409 and the old slot is kept. "
+        "The change is recorded (who, when, why) and the booking's phone is texted.",
+        responses=problems(401, 403, 404, 409, 413, 422, s409=CONFLICTS),
+    )
+    async def reschedule(
+        self,
+        pool: DbPool,
+        redis: Redis,
+        settings: AppSettings,
+        principal: Caller,
+        booking_id: PathId,
+        data: JSONBody[StaffReschedule],
+    ) -> AdminBookingDetail:
+        return await staff_svc.reschedule_booking(
+            pool,
+            redis,
+            principal,
+            booking_id,
+            data.start,
+            data.reason,
+            now=slots.utcnow(),
+            policy=policy_of(settings),
+        )
+
+
+ROUTERS = [
+    AvailabilityController,
+    HoldController,
+    BookingController,
+    WaitlistController,
+    AdminBookingController,
+]

@@ -572,17 +572,24 @@ async def list_bookings(
 
 
 async def cancel_in_transaction(
-    conn: Conn, row: Record, now: datetime, policy: BookingPolicy, outbox: Outbox
+    conn: Conn,
+    row: Record,
+    now: datetime,
+    policy: BookingPolicy,
+    outbox: Outbox,
+    *,
+    late_policy: bool = True,
 ) -> Record:
     """Cancel an active booking (seats freed at once and offered to the waitlist,
     pending messages cancelled); inside the service's cancellation window the
-    late-cancellation policy is recorded. `row` is locked (`_booking_row(lock=True)`);
-    a checked-in booking is refused (`BookingCheckedIn`)."""
+    late-cancellation policy is recorded (unless `late_policy` is off: the branch
+    cancelled, not the customer). `row` is locked (`_booking_row(lock=True)`); a
+    checked-in booking is refused (`BookingCheckedIn`)."""
     _check_changeable(row)
     if not await ledger.cancel_booking(conn, row["id"], now):
         raise BookingNotActive()
     window = timedelta(minutes=row["cancellation_window_min"])
-    if window and now > row["starts_at"] - window:
+    if late_policy and window and now > row["starts_at"] - window:
         await conn.execute(q.MARK_LATE_CANCELLATION, row["id"])
     await cancel_messages(conn, f"booking:{row['id']}:")
     await waitlist.offer_freed(conn, policy, now, {row["branch_id"]}, outbox)
@@ -626,56 +633,73 @@ async def reschedule_booking(
     async def tx(conn: Conn) -> tuple[BookingOut, Outbox]:
         row = await _booking_row(conn, booking_id, lock=True)
         _own(row, principal)
-        _check_changeable(row)
-        ctx = await load_context(conn, row["branch_id"], row["service_id"])
-        candidates = await find_resources(
-            conn, ctx, start, row["party_size"], now, ignore_booking=booking_id
-        )
-
-        async def attempt(rid: int) -> ledger.Booking:
-            return await ledger.reschedule_booking(
-                conn,
-                booking_id,
-                new_starts_at=start.astimezone(UTC),
-                now=now,
-                new_resource_id=rid,
-                check_shift=True,
-            )
-
-        await first_that_fits(candidates, attempt)
-        moved = await _booking_row(conn, booking_id)
         outbox: Outbox = []
-        await rewrite_messages(conn, f"booking:{booking_id}:", _booking_sms_params(moved))
-        for reminder in policy.reminders:
-            send_at = moved["starts_at"] - reminder.lead
-            prefix = f"booking:{booking_id}:{reminder.kind}:"
-            if send_at <= now:
-                await cancel_messages(conn, prefix)
-                continue
-            ids = await reschedule_messages(
-                conn, prefix, send_at, new_expires_at=moved["starts_at"]
-            )
-            outbox.extend((i, send_at) for i in ids)
-            if not ids and moved["phone"] is not None:
-                locale = DEFAULT_LOCALE
-                if moved["customer_id"] is not None:
-                    found = await conn.fetchrow(q.CUSTOMER, moved["customer_id"])
-                    locale = pick_locale(found["locale"]) if found else DEFAULT_LOCALE
-                await _queue_reminder(
-                    conn,
-                    outbox,
-                    booking=moved,
-                    phone=moved["phone"],
-                    locale=locale,
-                    reminder=reminder,
-                    send_at=send_at,
-                )
-        await waitlist.offer_freed(conn, policy, now, {row["branch_id"]}, outbox)
+        moved = await reschedule_in_transaction(conn, row, start, now, policy, outbox)
         return booking_out(moved), outbox
 
     out, outbox = await _write(pool, redis, policy, tx, now)
     await _enqueue(redis, outbox)
     return out
+
+
+async def reschedule_in_transaction(
+    conn: Conn,
+    row: Record,
+    start: datetime,
+    now: datetime,
+    policy: BookingPolicy,
+    outbox: Outbox,
+) -> Record:
+    """Move an active booking to `start` (a slot of its service with room for its
+    party) in the caller's transaction: pending reminders follow it, and the seats it
+    leaves are offered to the waitlist. Raises `SlotFull` (nothing changed) when the
+    new slot has no room."""
+    booking_id = row["id"]
+    if row["status"] not in ledger.ACTIVE_STATUSES:
+        raise BookingNotActive()
+    _check_changeable(row)
+    ctx = await load_context(conn, row["branch_id"], row["service_id"])
+    candidates = await find_resources(
+        conn, ctx, start, row["party_size"], now, ignore_booking=booking_id
+    )
+
+    async def attempt(rid: int) -> ledger.Booking:
+        return await ledger.reschedule_booking(
+            conn,
+            booking_id,
+            new_starts_at=start.astimezone(UTC),
+            now=now,
+            new_resource_id=rid,
+            check_shift=True,
+        )
+
+    await first_that_fits(candidates, attempt)
+    moved = await _booking_row(conn, booking_id)
+    await rewrite_messages(conn, f"booking:{booking_id}:", _booking_sms_params(moved))
+    for reminder in policy.reminders:
+        send_at = moved["starts_at"] - reminder.lead
+        prefix = f"booking:{booking_id}:{reminder.kind}:"
+        if send_at <= now:
+            await cancel_messages(conn, prefix)
+            continue
+        ids = await reschedule_messages(conn, prefix, send_at, new_expires_at=moved["starts_at"])
+        outbox.extend((i, send_at) for i in ids)
+        if not ids and moved["phone"] is not None:
+            locale = DEFAULT_LOCALE
+            if moved["customer_id"] is not None:
+                found = await conn.fetchrow(q.CUSTOMER, moved["customer_id"])
+                locale = pick_locale(found["locale"]) if found else DEFAULT_LOCALE
+            await _queue_reminder(
+                conn,
+                outbox,
+                booking=moved,
+                phone=moved["phone"],
+                locale=locale,
+                reminder=reminder,
+                send_at=send_at,
+            )
+    await waitlist.offer_freed(conn, policy, now, {row["branch_id"]}, outbox)
+    return moved
 
 
 # --- waitlist -------------------------------------------------------------------
