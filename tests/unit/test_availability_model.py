@@ -10,7 +10,8 @@ than by converting wall times: an interval starting at wall time ``w`` of day
 earlier reading of a repeated time, the end of a skipped gap) and ends just after
 the last instant of ``d`` whose wall time is before its end (the later reading).
 Candidate starts are the wall times ``opens + k * interval`` and every instant
-that shows one of them.
+that shows one of them; when ``opens`` is read twice (it lies in a repeated hour),
+also the second readings of ``opens - k * interval`` while they are read twice.
 
 Zones: Europe/London and America/New_York (one hour forward and back),
 Australia/Lord_Howe (half an hour forward and back), and Asia/Shanghai (none),
@@ -251,9 +252,18 @@ def model(
         if day in cal.closures:
             continue
         for weekday, opens, closes in cal.opening_hours:
-            if weekday == day.isoweekday():
-                for wall in range(opens, closes, rules.slot_interval_min):
-                    candidates.update(clock.showing(day, wall))
+            if weekday != day.isoweekday() or opens >= closes:
+                continue
+            for wall in range(opens, closes, rules.slot_interval_min):
+                candidates.update(clock.showing(day, wall))
+            if len(clock.showing(day, opens)) == 2:
+                # It opens in the repeated hour, at the first reading: the clock then
+                # goes back past `opens`, and the grid's earlier wall times read a
+                # second time are starts too (their later instants).
+                wall = opens - rules.slot_interval_min
+                while wall >= 0 and len(clock.showing(day, wall)) == 2:
+                    candidates.add(clock.showing(day, wall)[1])
+                    wall -= rules.slot_interval_min
 
     out: dict[datetime, tuple[int, tuple[tuple[int, int], ...]]] = {}
     for s in sorted(candidates):
