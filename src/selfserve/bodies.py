@@ -131,15 +131,20 @@ def _split(error: msgspec.ValidationError) -> tuple[str, str]:
 
 
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+_MISSING = re.compile(r"^Object missing required field `([^`]+)`$")
 
 
 def _locate(prefix: str, exc: msgspec.ValidationError) -> FieldError:
     """A FieldError at the path msgspec names (an unknown field: at that field)."""
     message, path = _split(exc)
     unknown = _UNKNOWN.search(message)
+    missing = _MISSING.match(message)
     if unknown:
         path = f"{path}.{unknown.group(1)}"
         message = "unknown field"
+    elif missing:
+        path = f"{path}.{missing.group(1)}"
+        message = f"required field `{missing.group(1)}` is missing"
     return FieldError(_join(prefix, path), humane(message))
 
 

@@ -1868,6 +1868,18 @@ async def test_a_422_lists_every_bad_field_of_a_body(booker: Booker) -> None:
         json={"kind": "exception", "starts_at": "2030-01-01T09:00:00", "available": 1},
     )
     assert sorted(fields_of(body)) == ["available", "ends_at", "resource_id", "starts_at"]
+    # a missing tag, and a missing field of a nested object, are named where they belong
+    body = await booker.rejected(
+        "POST", "/v1/admin/schedules", booker.ctx.token, json={"resource_id": 1}
+    )
+    assert fields_of(body) == ["kind"], body
+    body = await booker.rejected(
+        "POST",
+        "/v1/admin/branches",
+        booker.ctx.token,
+        json={"name": "B", "timezone": "UTC", "opening_hours": [{"weekday": 1, "opens": "09:00"}]},
+    )
+    assert fields_of(body) == ["opening_hours[0].closes"], body
 
 
 async def test_a_422_lists_every_bad_query_parameter_by_its_public_name(booker: Booker) -> None:
