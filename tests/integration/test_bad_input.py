@@ -1734,6 +1734,31 @@ async def test_the_last_supported_instant_is_not_a_server_error(booker: Booker) 
             json={"start": value},
         )
         assert body["status"] in (409, 422), body
+    # availability over the last and first days of the range, and the waitlist there
+    for start, end in (
+        ("2999-12-01T00:00:00+14:00", "2999-12-31T23:59:59Z"),
+        ("1970-01-01T00:00:00Z", "1970-01-31T00:00:00-14:00"),
+    ):
+        resp = await booker.ctx.client.get(
+            "/v1/availability",
+            params={
+                "branch_id": booker.branch_id,
+                "service_id": booker.service_id,
+                "from": start,
+                "to": end,
+            },
+        )
+        assert resp.status_code in (200, 422), resp.text
+    for day in ("2999-12-31", "1970-01-01"):
+        wait = {
+            "branch_id": booker.branch_id,
+            "service_id": booker.service_id,
+            "date": day,
+            "earliest": "00:00",
+            "latest": "23:59",
+        }
+        body = await booker.rejected("POST", "/v1/waitlist", booker.customer, json=wait)
+        assert body["status"] in (409, 422), body
 
 
 # JSON types are strict: a string is not a number, a number not a boolean.
