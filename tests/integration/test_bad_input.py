@@ -1590,7 +1590,7 @@ DEEP_BODIES = [
     pytest.param(b"[" * 1000 + b"]" * 1000, id="array-1000"),
     pytest.param(b'{"a":' * 1000 + b"1" + b"}" * 1000, id="object-1000"),
     pytest.param(b'{"name": ' + b"[" * 33 + b"]" * 33 + b"}", id="array-33-in-a-field"),
-    pytest.param(b'{"x": ' + b"[{" * 20 + b"}]" * 20 + b"}", id="mixed-41"),
+    pytest.param(b'{"x": ' + b'[{"a": ' * 20 + b"1" + b"}]" * 20 + b"}", id="mixed-41"),
     pytest.param(b"[" * 100_000, id="unclosed-100000"),
 ]
 
