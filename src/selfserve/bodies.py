@@ -358,7 +358,9 @@ async def check_parameters(request: Request[Any, Any, Any]) -> None:
         raw = source.get(param.name)
         if raw is None:
             if param.required:
-                errors.append(FieldError(param.name, "required query parameter is missing"))
+                errors.append(
+                    FieldError(param.name, f"required query parameter `{param.name}` is missing")
+                )
             continue
         try:
             value = msgspec.convert(raw, param.annotation, strict=False)

@@ -355,14 +355,33 @@ PATH_VALUES = st.sampled_from(
 )
 
 
+# what HTTP/1.1 lets a header carry: visible Latin-1, inner spaces, no edges of space
+HEADER_VALUES = st.one_of(
+    st.sampled_from(["", "x" * 300, "é", "\u00ff" * 10, "Bearer", "Bearer x", "zh-CN;q=nan"]),
+    st.text(
+        st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+        max_size=40,
+    ).map(str.strip),
+)
+
+
 @st.composite
-def hostile_queries(draw: st.DrawFn) -> tuple[str, str]:
+def hostile_queries(draw: st.DrawFn) -> tuple[str, str, dict[str, str]]:
     method, path, names = draw(st.sampled_from(QUERY_OPERATIONS))
     url = re.sub(r"\{[^}]+\}", lambda _: draw(PATH_VALUES), path)
     keys = st.sampled_from([*names, "from", "to", "cursor", "limit", "x"])
     pairs = draw(st.lists(st.tuples(keys, QUERY_VALUES), max_size=6))
     query = "&".join(f"{quote(k)}={v}" for k, v in pairs)  # values already escaped
-    return method, url + ("?" + query if query else "")
+    headers = draw(
+        st.dictionaries(
+            st.sampled_from(
+                ["Idempotency-Key", "Accept-Language", "X-Request-ID", "Authorization"]
+            ),
+            HEADER_VALUES,
+            max_size=3,
+        )
+    )
+    return method, url + ("?" + query if query else ""), headers
 
 
 @given(hostile_bodies())
@@ -383,14 +402,16 @@ def test_hostile_json_bodies_never_make_the_server_fail(
 
 @given(hostile_queries())
 @settings(FUZZ, max_examples=250)
-def test_hostile_query_strings_and_paths_never_make_the_server_fail(
-    live: Live, request_: tuple[str, str]
+def test_hostile_query_strings_paths_and_headers_never_make_the_server_fail(
+    live: Live, request_: tuple[str, str, dict[str, str]]
 ) -> None:
-    method, url = request_
+    method, url, odd_headers = request_
     token = live.token_for(url)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    # headers go out as raw Latin-1 bytes, as a client may send them
+    sent: dict[str, Any] = {k: v.encode("latin-1") for k, v in {**headers, **odd_headers}.items()}
     content = b"{}" if method in ("POST", "PATCH", "PUT") else None
-    response = live.client.request(method, live.base + url, headers=headers, content=content)
+    response = live.client.request(method, live.base + url, headers=sent, content=content)
     check_answer(response, (method, url[:300]))
 
 
