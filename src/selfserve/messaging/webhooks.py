@@ -80,7 +80,8 @@ async def verify_twilio_signature(request: Request[Any, Any, Any], settings: Set
 
 async def twilio_signed(connection: ASGIConnection[Any, Any, Any, Any], _: object) -> None:
     """Guard: runs before the form is parsed into the handler's `data`."""
-    assert isinstance(connection, Request)
+    if not isinstance(connection, Request):  # the webhooks are HTTP routes only
+        raise Forbidden(code="invalid_signature")
     await verify_twilio_signature(connection, connection.app.state.settings)
 
 
