@@ -10,9 +10,11 @@ from typing import Any
 import asyncpg
 import litestar_offline_docs
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from litestar import Litestar
+from litestar import Litestar, Request, Router
 from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
+from litestar.exceptions import NotFoundException
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Tag
@@ -21,14 +23,16 @@ from litestar.static_files import create_static_files_router
 
 from selfserve import __version__, db
 from selfserve.auth.routes import AuthController, MeController
+from selfserve.bodies import StrictRequest, check_parameters
 from selfserve.catalog.routes import ROUTERS as CATALOG_ROUTERS
 from selfserve.context import DEPENDENCIES
 from selfserve.errors import EXCEPTION_HANDLERS
-from selfserve.health import docs, health, metrics, ready
+from selfserve.health import docs, health, metrics, metrics_head, ready
 from selfserve.logs import configure_logging
 from selfserve.messaging.log import MessageLogController
 from selfserve.messaging.webhooks import TwilioWebhookController
 from selfserve.middleware import request_id_middleware
+from selfserve.openapi_util import PolishedJsonRenderPlugin, polish
 from selfserve.queueing import live
 from selfserve.queueing.routes import ROUTERS as QUEUE_ROUTERS
 from selfserve.scheduling.routes import ROUTERS as BOOKING_ROUTERS
@@ -58,22 +62,42 @@ TAGS = [
 ]
 
 
+class LocalSwaggerRenderPlugin(SwaggerRenderPlugin):
+    """Swagger UI without its validator badge, which would call validator.swagger.io."""
+
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        page = super().render(request, polish(openapi_schema))
+        return page.replace(b"deepLinking: true,", b"deepLinking: true,\n validatorUrl: null,", 1)
+
+
+async def schema_pages_only(connection: ASGIConnection[Any, Any, Any, Any], handler: Any) -> None:
+    if getattr(handler.fn, "__name__", "") == "handle_schema_path_not_found":
+        raise NotFoundException()
+
+
 def openapi_config() -> OpenAPIConfig:
     return OpenAPIConfig(
         title="selfserve API",
         version=__version__,
-        description="24/7 self-service: appointments, walk-in queues, SMS, payments and "
-        "insight for service halls. Errors are RFC 9457 problem documents with a stable `code`.",
+        description="24/7 self-service for service halls: appointments, walk-in queues and "
+        "SMS. Online payments and reporting are not part of this API yet. Errors are RFC "
+        "9457 problem documents with a stable `code`.",
         path="/schema",
         # Every renderer uses the assets this app serves itself: no CDN, works offline.
+        # The schema router's catch-all answers an unknown /schema/* path with an HTML
+        # page; a guard turns that into the API's problem document like any other path.
+        openapi_router=Router(
+            "/schema", route_handlers=[], guards=[schema_pages_only], include_in_schema=False
+        ),
         render_plugins=[
-            SwaggerRenderPlugin(
+            LocalSwaggerRenderPlugin(
                 js_url="/docs/static/swagger-ui-bundle.js",
                 css_url="/docs/static/swagger-ui.css",
                 standalone_preset_js_url="/docs/static/swagger-ui-standalone-preset.js",
                 favicon="",
                 path="/swagger",
-            )
+            ),
+            PolishedJsonRenderPlugin(),
         ],
         tags=TAGS,
         components=Components(
@@ -138,12 +162,13 @@ def create_app(
     # has a Redis client of its own, opened and closed by the plugin's lifespan (which
     # runs inside `lifespan` above: started after it, stopped before it).
     channels = live.channels_plugin(settings)
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             health,
             ready,
             docs,
             metrics,
+            metrics_head,
             create_static_files_router(
                 path="/docs/static",
                 directories=[static_dir],
@@ -160,7 +185,7 @@ def create_app(
         ],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[request_id_middleware, prometheus.middleware],
+        middleware=[prometheus.middleware],
         lifespan=[lifespan],
         plugins=[channels] if channels is not None else [],
         openapi_config=openapi_config(),
@@ -168,9 +193,17 @@ def create_app(
         if settings.cors_origins
         else None,
         request_max_body_size=settings.max_body_bytes,
+        # Bodies decoded strictly and totally into the handler's type (selfserve.bodies);
+        # instants and dates in the query string checked against the supported range.
+        request_class=StrictRequest,
+        before_request=check_parameters,
         state=State(state),
         debug=False,
     )
+    # Outermost: every request, also one no route matches (404/405 from the router),
+    # gets a request id in its problem document and one access-log line.
+    app.asgi_handler = request_id_middleware(app.asgi_handler)
+    return app
 
 
 def app_factory() -> Litestar:

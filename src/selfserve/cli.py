@@ -25,10 +25,11 @@ def _fail(message: str) -> int:
 
 def openapi_document() -> dict[str, Any]:
     from selfserve.app import create_app
+    from selfserve.openapi_util import polish
 
     app = create_app(Settings(environment="test"))
     schema: dict[str, Any] = app.openapi_schema.to_schema()
-    return schema
+    return polish(schema)
 
 
 def render_openapi() -> str:

@@ -59,6 +59,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "malformed_body": ("The request body is not valid JSON.", "请求体不是有效的 JSON。"),
     "bad_request": ("The request could not be understood.", "无法理解该请求。"),
     "body_too_large": ("The request body is too large.", "请求体过大。"),
+    "body_too_deep": (
+        "The JSON body is nested too deeply (at most 32 levels).",
+        "请求体 JSON 嵌套层级过深（最多 32 层）。",
+    ),
     "not_found": ("The resource was not found.", "未找到该资源。"),
     "method_not_allowed": ("This method is not allowed here.", "不允许使用此方法。"),
     "unauthorized": ("Authentication is required.", "需要登录认证。"),
@@ -398,11 +402,55 @@ def _domain_handler(request: Request[Any, Any, Any], exc: DomainError) -> Respon
 
 
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+_EXAMPLE_INSTANT = "2030-03-04T10:00:00+08:00"
+_HUMANE: tuple[tuple[str, str], ...] = (
+    (
+        "Invalid RFC3339 encoded datetime",
+        "expected an RFC 3339 date-time with a UTC offset (Z or ±HH:MM), "
+        f"e.g. {_EXAMPLE_INSTANT} or 2030-03-04T02:00:00Z",
+    ),
+    (
+        "Expected `datetime` with a timezone component",
+        "the date-time needs a UTC offset (Z or ±HH:MM), e.g. " + _EXAMPLE_INSTANT,
+    ),
+    ("Invalid RFC3339 encoded date", "expected a date YYYY-MM-DD, e.g. 2030-03-04"),
+    ("Invalid RFC3339 encoded time", "expected a time HH:MM:SS, e.g. 10:00:00"),
+)
+
+
+def humane(msg: str) -> str:
+    """msgspec's terse messages, said with what is expected and an example."""
+    for terse, better in _HUMANE:
+        if msg.startswith(terse):
+            return better
+    if msg.startswith("Expected `datetime`, got"):
+        return f"expected an RFC 3339 date-time with a UTC offset, e.g. {_EXAMPLE_INSTANT}"
+    if msg.startswith("Expected `date`, got"):
+        return "expected a date YYYY-MM-DD, e.g. 2030-03-04"
+    return msg
+
+
+def _public_names(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """Handler parameter name -> the name the client uses (a query alias like `from`)."""
+    try:
+        parameters = request.route_handler.parsed_fn_signature.parameters
+    except Exception:  # no handler resolved (routing errors): nothing to rename
+        return {}
+    out: dict[str, str] = {}
+    for name, field in parameters.items():
+        alias = getattr(field.kwarg_definition, "name", None)
+        if isinstance(alias, str) and alias and alias != name:
+            out[name] = alias
+    return out
+
+
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
-def _validation_errors(extra: Any) -> list[FieldError]:
-    """Litestar/msgspec validation details -> [{field, message}] naming the real field."""
+def _validation_errors(extra: Any, names: dict[str, str] | None = None) -> list[FieldError]:
+    """Litestar/msgspec validation details -> [{field, message}] naming the real field
+    (as the client spells it: query aliases, not handler parameter names)."""
+    names = names or {}
     out: list[FieldError] = []
     if isinstance(extra, list):
         for item in extra:
@@ -420,7 +468,9 @@ def _validation_errors(extra: Any) -> list[FieldError]:
                     key = at.group(1) if at and at.group(1) else "body"
                     if msg == "'data'":  # the body was empty
                         msg = "a JSON body is required"
-                out.append(FieldError(field=key, message=msg))
+                head, dot, rest = key.partition(".")
+                key = names.get(head, head) + dot + rest
+                out.append(FieldError(field=key, message=humane(msg)))
     return out
 
 
@@ -429,7 +479,7 @@ def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     headers = dict(exc.headers or {})
     if isinstance(exc, ValidationException):
         detail = str(exc.detail or "")
-        errors = _validation_errors(exc.extra)
+        errors = _validation_errors(exc.extra, _public_names(request))
         if "malformed" in detail.lower() or "json is malformed" in detail.lower():
             return problem_response(request, status=400, code="malformed_body", errors=errors)
         if not errors:

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import msgspec
-from litestar import MediaType, Response, get
+from litestar import MediaType, Response, get, head
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -71,6 +71,7 @@ DOCS_HTML = """<!doctype html>
       dom_id: "#swagger-ui",
       deepLinking: true,
       persistAuthorization: true,
+      validatorUrl: null,
       presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
       layout: "StandaloneLayout",
     });
@@ -80,15 +81,28 @@ DOCS_HTML = """<!doctype html>
 """
 
 
+# Without its charset: Litestar adds `; charset=utf-8` to every text/* type itself.
+METRICS_MEDIA_TYPE = "; ".join(
+    part.strip() for part in CONTENT_TYPE_LATEST.split(";") if "charset" not in part
+)
+
+
 @get(
     "/metrics",
     tags=["Operations"],
     summary="Prometheus metrics (text exposition format)",
     operation_id="metrics",
-    media_type=CONTENT_TYPE_LATEST,
+    media_type=METRICS_MEDIA_TYPE,
 )
 async def metrics() -> Response[bytes]:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(REGISTRY), media_type=METRICS_MEDIA_TYPE)
+
+
+@head(
+    "/metrics", operation_id="metricsHead", include_in_schema=False, media_type=METRICS_MEDIA_TYPE
+)
+async def metrics_head() -> None:
+    """HEAD /metrics: the headers of GET without the body (probes and scrapers check it)."""
 
 
 @get("/docs", include_in_schema=False, media_type=MediaType.HTML)

@@ -21,7 +21,10 @@ def normalise_phone(raw: str, field: str = "phone", *, mobile: bool = True) -> s
     try:
         number = phonenumbers.parse(raw, None)
     except phonenumbers.NumberParseException:
-        raise InvalidInput.field(field, "not a phone number in international format (+…)") from None
+        raise InvalidInput.field(
+            field,
+            "not a phone number in international format, e.g. +8613800138000 or +447911123456",
+        ) from None
     if not phonenumbers.is_valid_number(number):
         raise InvalidInput.field(field, "not a valid phone number")
     if mobile and phonenumbers.number_type(number) not in MOBILE_TYPES:

@@ -19,6 +19,7 @@ from arq.connections import ArqRedis
 from httpx import AsyncClient
 
 from selfserve.app import create_app
+from tests.booking_helpers import at_hour, book, customer, iso, kiosk, seed
 from tests.conftest import ModuleEnv, settings_with
 from tests.helpers import bearer, create_branch, create_service, login, make_staff
 
@@ -34,6 +35,14 @@ TABLES = (
     "devices",
     "staff",
     "staff_branches",
+    "customers",
+    "holds",
+    "bookings",
+    "waitlist_entries",
+    "idempotency_keys",
+    "tickets",
+    "messages",
+    "inbound_sms",
 )
 INT64_MAX = 2**63 - 1
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -737,7 +746,24 @@ async def test_datetime_without_offset_is_422(ctx: Ctx, case: Case, field: str) 
     await ctx.rejected(method, url, status=422, code="validation_error", fields=(field,), **kwargs)
 
 
-@pytest.mark.parametrize("zone", ["Mars/Olympus", "../../etc/passwd", "", "Asia/Nowhere"])
+@pytest.mark.parametrize(
+    "zone",
+    [
+        "Mars/Olympus",
+        "../../etc/passwd",
+        "",
+        "Asia/Nowhere",
+        # files of a system's zoneinfo folder that are not IANA zone names
+        "localtime",
+        "posixrules",
+        "Factory",
+        "posix/Europe/London",
+        "right/UTC",
+        "europe/london",
+        "Europe/London/",
+        "/Europe/London",
+    ],
+)
 async def test_unknown_timezone_is_422_on_create_and_update(ctx: Ctx, zone: str) -> None:
     await ctx.rejected(
         "POST",
@@ -747,7 +773,7 @@ async def test_unknown_timezone_is_422_on_create_and_update(ctx: Ctx, zone: str)
         fields=("timezone",),
         json={"name": "Tz", "timezone": zone},
     )
-    await ctx.rejected(
+    body = await ctx.rejected(
         "PATCH",
         f"/v1/admin/branches/{ctx.branch['id']}",
         status=422,
@@ -755,6 +781,8 @@ async def test_unknown_timezone_is_422_on_create_and_update(ctx: Ctx, zone: str)
         fields=("timezone",),
         json={"timezone": zone, "name": "Renamed with a bad zone"},
     )
+    if zone:  # the message says what is expected
+        assert any("IANA" in e["message"] for e in body["errors"]), body
     # a real IANA zone is accepted by the same route
     ok = await ctx.client.post(
         "/v1/admin/branches", json={"name": "Tz", "timezone": "Europe/London"}, headers=ctx.auth
@@ -1300,7 +1328,7 @@ UNSTORABLE: list[tuple[str, Case, str]] = [
             "/v1/admin/schedules",
             {"json": exception_body(c, starts_at="0001-01-01T00:00:00+14:00")},
         ),
-        "body",
+        "starts_at",
     ),
     (
         "instant-after-year-9999",
@@ -1309,7 +1337,7 @@ UNSTORABLE: list[tuple[str, Case, str]] = [
             "/v1/admin/schedules",
             {"json": exception_body(c, ends_at="9999-12-31T23:00:00-14:00")},
         ),
-        "body",
+        "ends_at",
     ),
 ]
 
@@ -1483,3 +1511,603 @@ async def test_accept_language_negotiation(ctx: Ctx, header: str, expected: str)
     body = assert_problem(resp, 404, "not_found")
     assert resp.headers["content-language"] == expected
     assert bool(CJK.search(body["detail"])) == (expected == "zh-CN")
+
+
+# --- hostile input on the booking side, before and after sign-in -------------------------
+
+
+@dataclass
+class Booker:
+    """A bookable service, a customer with one booking, a kiosk and staff."""
+
+    ctx: Ctx
+    branch_id: int
+    service_id: int
+    customer: str
+    kiosk: str
+    booking_id: int
+    queue_id: int
+
+    async def rejected(
+        self,
+        method: str,
+        url: str,
+        token: str | None,
+        *,
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
+        before = await snapshot(self.ctx.pool)
+        resp = await self.ctx.client.request(method, url, headers=headers, **kwargs)
+        assert resp.status_code < 500, resp.text
+        body = assert_problem(resp, resp.status_code, resp.json()["code"])
+        after = await snapshot(self.ctx.pool)
+        assert after.rows == before.rows, (method, url)
+        return body
+
+
+@pytest.fixture(scope="module")
+async def booker(ctx: Ctx, module_env: ModuleEnv) -> Booker:
+    bid, sid, _ = await seed(ctx.pool, max_party=4)
+    _, _, customer_token = await customer(ctx.pool, module_env)
+    kiosk_token = await kiosk(ctx.pool, module_env, bid)
+    made = await book(ctx.client, customer_token, bid, sid, at_hour(2))
+    assert made.status_code == 201, made.text
+    queue = await ctx.client.post(
+        "/v1/admin/queues",
+        json={"branch_id": bid, "name": "Walk-ins", "prefix": "W", "service_ids": [sid]},
+        headers=ctx.auth,
+    )
+    assert queue.status_code == 201, queue.text
+    return Booker(ctx, bid, sid, customer_token, kiosk_token, made.json()["id"], queue.json()["id"])
+
+
+# Every JSON-reading operation, as (id, method, url, who): who is "none", "customer",
+# "kiosk" or "admin". Deep nesting is refused before the body is looked at.
+BODY_TARGETS: list[tuple[str, str, Callable[[Booker], str], str]] = [
+    ("staff-login", "POST", lambda b: "/v1/auth/staff/login", "none"),
+    ("device-login", "POST", lambda b: "/v1/auth/device", "none"),
+    ("refresh", "POST", lambda b: "/v1/auth/refresh", "none"),
+    ("otp", "POST", lambda b: "/v1/auth/otp", "none"),
+    ("token", "POST", lambda b: "/v1/auth/token", "none"),
+    ("hold", "POST", lambda b: "/v1/holds", "customer"),
+    ("booking", "POST", lambda b: "/v1/bookings", "customer"),
+    ("reschedule", "POST", lambda b: f"/v1/bookings/{b.booking_id}/reschedule", "customer"),
+    ("waitlist", "POST", lambda b: "/v1/waitlist", "customer"),
+    ("ticket", "POST", lambda b: "/v1/tickets", "kiosk"),
+    ("check-in", "POST", lambda b: "/v1/check-ins", "kiosk"),
+    ("branch", "POST", lambda b: "/v1/admin/branches", "admin"),
+    ("patch-service", "PATCH", lambda b: f"/v1/admin/services/{b.service_id}", "admin"),
+]
+
+
+def _token(b: Booker, who: str) -> str | None:
+    return {"none": None, "customer": b.customer, "kiosk": b.kiosk, "admin": b.ctx.token}[who]
+
+
+DEEP_BODIES = [
+    pytest.param(b"[" * 1000 + b"]" * 1000, id="array-1000"),
+    pytest.param(b'{"a":' * 1000 + b"1" + b"}" * 1000, id="object-1000"),
+    pytest.param(b'{"name": ' + b"[" * 33 + b"]" * 33 + b"}", id="array-33-in-a-field"),
+    pytest.param(b'{"x": ' + b'[{"a": ' * 20 + b"1" + b"}]" * 20 + b"}", id="mixed-41"),
+    pytest.param(b"[" * 100_000, id="unclosed-100000"),
+]
+
+
+@pytest.mark.parametrize("raw", DEEP_BODIES)
+@pytest.mark.parametrize(
+    ("method", "url", "who"),
+    [(m, u, w) for _, m, u, w in BODY_TARGETS],
+    ids=[i for i, _, _, _ in BODY_TARGETS],
+)
+async def test_deeply_nested_json_is_400_everywhere(
+    booker: Booker, method: str, url: Callable[[Booker], str], who: str, raw: bytes
+) -> None:
+    body = await booker.rejected(
+        method,
+        url(booker),
+        _token(booker, who),
+        content=raw,
+        headers={"content-type": "application/json"},
+    )
+    assert (body["status"], body["code"]) == (400, "body_too_deep"), body
+
+
+async def test_brackets_inside_strings_do_not_count_as_nesting(booker: Booker) -> None:
+    # 40 levels of brackets, all inside a string: an ordinary (too long) password
+    body = await booker.rejected(
+        "POST",
+        "/v1/auth/staff/login",
+        None,
+        json={"email": "x@example.test", "password": "[{" * 20 + '\\"' + "}]" * 20},
+    )
+    assert body["code"] != "body_too_deep"
+    # and 32 levels are still read (then refused for what they say)
+    nested = b'{"name": "B", "timezone": "UTC", "x": ' + b"[" * 31 + b"]" * 31 + b"}"
+    body = await booker.rejected(
+        "POST",
+        "/v1/admin/branches",
+        booker.ctx.token,
+        content=nested,
+        headers={"content-type": "application/json"},
+    )
+    assert (body["status"], fields_of(body)) == (422, ["x"]), body
+
+
+EDGE_INSTANTS = [
+    "0001-01-01T00:00:00+14:00",
+    "0001-01-01T00:00:00Z",
+    "0001-01-01T23:59:59-14:00",
+    "9999-12-31T23:59:59-14:00",
+    "9999-12-31T23:59:59Z",
+    "9999-12-31T00:00:00+14:00",
+    "1969-12-31T23:59:59Z",
+    "3000-01-01T00:00:00Z",
+]
+EDGE_DATES = ["0001-01-01", "9999-12-31", "1969-12-31", "3000-01-01"]
+
+
+def _instant_targets(
+    b: Booker, value: str
+) -> list[tuple[str, str, str | None, dict[str, Any], str]]:
+    start = {"branch_id": b.branch_id, "service_id": b.service_id, "start": value}
+    exc = {
+        "kind": "exception",
+        "resource_id": b.ctx.resource["id"],
+        "starts_at": "2030-01-01T09:00:00Z",
+        "ends_at": "2030-01-01T10:00:00Z",
+    }
+    return [
+        ("POST", "/v1/holds", b.customer, start, "start"),
+        ("POST", "/v1/holds", b.kiosk, {**start, "party_size": 2}, "start"),
+        ("POST", "/v1/bookings", b.customer, start, "start"),
+        ("POST", "/v1/bookings", b.kiosk, {**start, "phone": "+447911123456"}, "start"),
+        ("POST", f"/v1/bookings/{b.booking_id}/reschedule", b.customer, {"start": value}, "start"),
+        ("POST", "/v1/admin/schedules", b.ctx.token, {**exc, "starts_at": value}, "starts_at"),
+        ("POST", "/v1/admin/schedules", b.ctx.token, {**exc, "ends_at": value}, "ends_at"),
+        (
+            "PATCH",
+            f"/v1/admin/schedules/{b.ctx.exception['id']}",
+            b.ctx.token,
+            {"ends_at": value},
+            "ends_at",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("value", EDGE_INSTANTS)
+async def test_instants_at_the_edges_of_the_calendar_are_422_naming_the_field(
+    booker: Booker, value: str
+) -> None:
+    for method, url, token, json_body, field in _instant_targets(booker, value):
+        body = await booker.rejected(method, url, token, json=json_body)
+        assert body["status"] == 422, (url, body)
+        errors = {e["field"]: e["message"] for e in body["errors"]}
+        assert field in errors, (url, body)
+        assert "1970-01-01T00:00:00Z" in errors[field], errors
+        assert "2999-12-31T23:59:59Z" in errors[field], errors
+    # the same instants as availability's query parameters
+    for name in ("from", "to"):
+        query = {
+            "branch_id": booker.branch_id,
+            "service_id": booker.service_id,
+            "from": "2030-01-01T00:00:00Z",
+            "to": "2030-01-02T00:00:00Z",
+            name: value,
+        }
+        resp = await booker.ctx.client.get("/v1/availability", params=query)
+        body = assert_problem(resp, 422, "validation_error")
+        assert name in fields_of(body), body
+
+
+@pytest.mark.parametrize("value", EDGE_DATES)
+async def test_dates_at_the_edges_of_the_calendar_are_422_naming_the_field(
+    booker: Booker, value: str
+) -> None:
+    wait = {
+        "branch_id": booker.branch_id,
+        "service_id": booker.service_id,
+        "date": value,
+        "earliest": "09:00",
+        "latest": "10:00",
+    }
+    body = await booker.rejected("POST", "/v1/waitlist", booker.customer, json=wait)
+    assert (body["status"], fields_of(body)) == (422, ["date"]), body
+    assert "between 1970-01-01 and 2999-12-31" in body["errors"][0]["message"]
+    closure = {"name": "B", "timezone": "UTC", "closures": [{"date": value}]}
+    body = await booker.rejected("POST", "/v1/admin/branches", booker.ctx.token, json=closure)
+    assert (body["status"], fields_of(body)) == (422, ["closures[0].date"]), body
+
+
+async def test_the_last_supported_instant_is_not_a_server_error(booker: Booker) -> None:
+    # inside the range but beyond the booking horizon: refused for that, not for overflow
+    for value in ("2999-12-31T23:59:59Z", "2999-12-31T09:59:59-14:00", "1970-01-01T00:00:00Z"):
+        start = {"branch_id": booker.branch_id, "service_id": booker.service_id, "start": value}
+        for url in ("/v1/holds", "/v1/bookings"):
+            body = await booker.rejected("POST", url, booker.customer, json=start)
+            assert body["status"] in (409, 422), body
+        body = await booker.rejected(
+            "POST",
+            f"/v1/bookings/{booker.booking_id}/reschedule",
+            booker.customer,
+            json={"start": value},
+        )
+        assert body["status"] in (409, 422), body
+    # availability over the last and first days of the range, and the waitlist there
+    for start, end in (
+        ("2999-12-01T00:00:00+14:00", "2999-12-31T23:59:59Z"),
+        ("1970-01-01T00:00:00Z", "1970-01-31T00:00:00-14:00"),
+    ):
+        resp = await booker.ctx.client.get(
+            "/v1/availability",
+            params={
+                "branch_id": booker.branch_id,
+                "service_id": booker.service_id,
+                "from": start,
+                "to": end,
+            },
+        )
+        assert resp.status_code in (200, 422), resp.text
+    for day in ("2999-12-31", "1970-01-01"):
+        wait = {
+            "branch_id": booker.branch_id,
+            "service_id": booker.service_id,
+            "date": day,
+            "earliest": "00:00",
+            "latest": "23:59",
+        }
+        body = await booker.rejected("POST", "/v1/waitlist", booker.customer, json=wait)
+        assert body["status"] in (409, 422), body
+
+
+# JSON types are strict: a string is not a number, a number not a boolean.
+STRICT: list[tuple[str, Callable[[Booker], tuple[str, str, str | None, dict[str, Any]]], str]] = [
+    (
+        "party-size-string",
+        lambda b: (
+            "POST",
+            "/v1/holds",
+            b.customer,
+            {
+                "branch_id": b.branch_id,
+                "service_id": b.service_id,
+                "start": iso(at_hour(3)),
+                "party_size": "2",
+            },
+        ),
+        "party_size",
+    ),
+    (
+        "branch-id-string",
+        lambda b: (
+            "POST",
+            "/v1/bookings",
+            b.customer,
+            {"branch_id": str(b.branch_id), "service_id": b.service_id, "start": iso(at_hour(3))},
+        ),
+        "branch_id",
+    ),
+    ("hold-id-string", lambda b: ("POST", "/v1/bookings", b.customer, {"hold_id": "1"}), "hold_id"),
+    (
+        "party-size-float",
+        lambda b: (
+            "POST",
+            "/v1/waitlist",
+            b.customer,
+            {
+                "branch_id": b.branch_id,
+                "service_id": b.service_id,
+                "date": "2030-01-01",
+                "earliest": "09:00",
+                "latest": "10:00",
+                "party_size": 2.0,
+            },
+        ),
+        "party_size",
+    ),
+    (
+        "queue-id-string",
+        lambda b: ("POST", "/v1/tickets", b.kiosk, {"queue_id": str(b.queue_id)}),
+        "queue_id",
+    ),
+    (
+        "available-string",
+        lambda b: (
+            "PATCH",
+            f"/v1/admin/schedules/{b.ctx.exception['id']}",
+            b.ctx.token,
+            {"available": "true"},
+        ),
+        "available",
+    ),
+    (
+        "weekday-string",
+        lambda b: (
+            "POST",
+            "/v1/admin/branches",
+            b.ctx.token,
+            {
+                "name": "B",
+                "timezone": "UTC",
+                "opening_hours": [{"weekday": "1", "opens": "09:00", "closes": "10:00"}],
+            },
+        ),
+        "opening_hours[0].weekday",
+    ),
+    (
+        "capacity-bool",
+        lambda b: (
+            "PATCH",
+            f"/v1/admin/resources/{b.ctx.resource['id']}",
+            b.ctx.token,
+            {"capacity": True},
+        ),
+        "capacity",
+    ),
+    (
+        "reserve-string",
+        lambda b: (
+            "PATCH",
+            f"/v1/admin/branches/{b.branch_id}",
+            b.ctx.token,
+            {"walk_in_reserve": "0.5"},
+        ),
+        "walk_in_reserve",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "field"), [(c, f) for _, c, f in STRICT], ids=[i for i, _, _ in STRICT]
+)
+async def test_json_bodies_are_typed_strictly(
+    booker: Booker,
+    case: Callable[[Booker], tuple[str, str, str | None, dict[str, Any]]],
+    field: str,
+) -> None:
+    method, url, token, json_body = case(booker)
+    body = await booker.rejected(method, url, token, json=json_body)
+    assert body["status"] == 422, body
+    assert field in fields_of(body), body
+
+
+async def test_a_422_lists_every_bad_field_of_a_body(booker: Booker) -> None:
+    body = await booker.rejected(
+        "POST",
+        "/v1/holds",
+        booker.customer,
+        json={"branch_id": "1", "start": "2030-03-04", "party_size": 0, "colour": "red"},
+    )
+    assert sorted(fields_of(body)) == ["branch_id", "colour", "party_size", "service_id", "start"]
+    by_field = {e["field"]: e["message"] for e in body["errors"]}
+    assert "service_id" in by_field["service_id"]  # names the missing field
+    # a date without a time says what is expected, with an example
+    assert "2030-03-04T10:00:00+08:00" in by_field["start"], by_field
+    body = await booker.rejected("POST", "/v1/admin/queues", booker.ctx.token, json={})
+    assert sorted(fields_of(body)) == ["branch_id", "name", "prefix", "service_ids"]
+    body = await booker.rejected(
+        "POST",
+        "/v1/admin/schedules",
+        booker.ctx.token,
+        json={"kind": "exception", "starts_at": "2030-01-01T09:00:00", "available": 1},
+    )
+    assert sorted(fields_of(body)) == ["available", "ends_at", "resource_id", "starts_at"]
+    # a missing tag, and a missing field of a nested object, are named where they belong
+    body = await booker.rejected(
+        "POST", "/v1/admin/schedules", booker.ctx.token, json={"resource_id": 1}
+    )
+    assert fields_of(body) == ["kind"], body
+    body = await booker.rejected(
+        "POST",
+        "/v1/admin/branches",
+        booker.ctx.token,
+        json={"name": "B", "timezone": "UTC", "opening_hours": [{"weekday": 1, "opens": "09:00"}]},
+    )
+    assert fields_of(body) == ["opening_hours[0].closes"], body
+
+
+async def test_a_422_lists_every_bad_query_parameter_by_its_public_name(booker: Booker) -> None:
+    c = booker.ctx.client
+    body = assert_problem(await c.get("/v1/availability"), 422, "validation_error")
+    assert sorted(fields_of(body)) == ["branch_id", "from", "service_id", "to"]
+    body = assert_problem(
+        await c.get(
+            "/v1/availability",
+            params={"branch_id": "x", "service_id": 0, "from": "2030-03-04", "party_size": 0},
+        ),
+        422,
+        "validation_error",
+    )
+    assert sorted(fields_of(body)) == ["branch_id", "from", "party_size", "service_id", "to"]
+    by_field = {e["field"]: e["message"] for e in body["errors"]}
+    assert "2030-03-04T10:00:00+08:00" in by_field["from"]
+    assert "window_from" not in str(body)
+    assert "window_to" not in str(body)
+    # present but without an offset
+    body = assert_problem(
+        await c.get(
+            "/v1/availability",
+            params={
+                "branch_id": booker.branch_id,
+                "service_id": booker.service_id,
+                "from": "2030-03-04T10:00:00",
+                "to": "2030-03-05T10:00:00",
+            },
+        ),
+        422,
+        "validation_error",
+    )
+    assert sorted(fields_of(body)) == ["from", "to"]
+    assert all("offset" in e["message"] for e in body["errors"]), body
+
+
+# Cursors are opaque: only what the API issued is accepted, anything else a 422.
+ODD_CURSORS = [
+    pytest.param("\u0662\u0663", id="arabic-indic-digits"),
+    pytest.param(cursor_of("\u0662\u0663"), id="encoded-arabic-indic-digits"),
+    pytest.param("\u00b2", id="superscript-two"),
+    pytest.param(cursor_of("\u00b2"), id="encoded-superscript"),
+    pytest.param("9" * 5000, id="five-thousand-digits"),
+    pytest.param(cursor_of("9" * 5000), id="encoded-five-thousand-digits"),
+    pytest.param(cursor_of(" 12"), id="encoded-space"),
+    pytest.param(cursor_of("+12"), id="encoded-plus"),
+    pytest.param(cursor_of("1_000"), id="encoded-underscore"),
+    pytest.param(cursor_of("012"), id="encoded-leading-zero"),
+    pytest.param(cursor_of("12") + "==", id="padded"),
+    pytest.param("MTI", id="plain-twelve-is-not-a-cursor-of-bookings"),
+    pytest.param("%00", id="nul"),
+    pytest.param("\udcff", id="lone-surrogate"),
+    pytest.param("12", id="bare-number"),
+]
+
+
+@pytest.mark.parametrize("cursor", ODD_CURSORS)
+async def test_odd_cursors_are_422_on_every_list(booker: Booker, cursor: str) -> None:
+    c = booker.ctx.client
+    lists = [
+        ("/v1/bookings", booker.customer),
+        ("/v1/waitlist", booker.customer),
+        ("/v1/branches", None),
+        (f"/v1/branches/{booker.branch_id}/services", None),
+        ("/v1/admin/branches", booker.ctx.token),
+        ("/v1/admin/services", booker.ctx.token),
+        ("/v1/admin/staff", booker.ctx.token),
+        ("/v1/admin/messages", booker.ctx.token),
+    ]
+    for url, token in lists:
+        headers = bearer(token) if token else {}
+        try:
+            resp = await c.get(url, params={"cursor": cursor}, headers=headers)
+        except UnicodeEncodeError:  # a lone surrogate cannot even be sent
+            return
+        if cursor == "MTI" and resp.status_code == 200:
+            continue  # a well-formed cursor of id 12: fine anywhere
+        body = assert_problem(resp, 422, "validation_error")
+        assert fields_of(body) == ["cursor"], (url, body)
+
+
+async def test_cursors_of_bookings_and_waitlist_are_opaque_and_round_trip(booker: Booker) -> None:
+    c = booker.ctx.client
+    for n in range(2):
+        made = await book(c, booker.customer, booker.branch_id, booker.service_id, at_hour(3 + n))
+        assert made.status_code == 201, made.text
+    seen: list[int] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 1, **({"cursor": cursor} if cursor else {})}
+        page = await c.get("/v1/bookings", params=params, headers=bearer(booker.customer))
+        assert page.status_code == 200, page.text
+        seen += [item["id"] for item in page.json()["items"]]
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+        assert not cursor.isdigit(), "a cursor is not the bare id"
+    assert seen == sorted(seen, reverse=True)
+    assert len(seen) == len(set(seen)) >= 3
+
+
+# --- webhooks: the signature is checked before the form is read --------------------------
+
+HOOK_BODIES = [
+    pytest.param(b"\xff\xfe\x00\x01", id="not-utf8"),
+    pytest.param(b"From=%FF%FE&Body=x&MessageSid=SM1", id="percent-not-utf8"),
+    pytest.param(b"From=" + "é".encode("latin-1") + b"&MessageSid=SM1", id="latin1"),
+    pytest.param(b"MessageSid=SM1&MessageSid=SM2&From=%2B447911123456", id="repeated"),
+    pytest.param(b"", id="empty"),
+    pytest.param(b'{"From": "+447911123456"}', id="json"),
+    pytest.param(b"a=" + b"[" * 5000, id="brackets"),
+    pytest.param(b"&" * 100_000, id="many-separators"),
+]
+
+
+@pytest.mark.parametrize("raw", HOOK_BODIES)
+@pytest.mark.parametrize("path", ["/v1/webhooks/twilio/sms", "/v1/webhooks/twilio/status"])
+@pytest.mark.parametrize(
+    "signature",
+    [None, "", "bm90IGEgc2lnbmF0dXJl", "\u00e9"],
+    ids=["none", "empty", "wrong", "latin1"],
+)
+async def test_unsigned_or_badly_signed_webhooks_are_403_whatever_the_body(
+    module_env: ModuleEnv,
+    pool: asyncpg.Pool,
+    redis: ArqRedis,
+    ctx: Ctx,
+    path: str,
+    raw: bytes,
+    signature: str | None,
+) -> None:
+    settings = settings_with(
+        module_env, twilio_auth_token="hook-token", public_base_url="https://hall.example"
+    )
+    app = create_app(settings, pool=pool, redis=redis)
+    headers: dict[str, Any] = {"content-type": "application/x-www-form-urlencoded"}
+    if signature is not None:
+        headers["x-twilio-signature"] = signature.encode("latin-1")
+    before = await snapshot(pool)
+    async with AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver.local"
+    ) as c:
+        resp = await c.post(path, content=raw, headers=headers)
+    assert_problem(resp, 403, "invalid_signature")
+    assert (await snapshot(pool)).rows == before.rows
+
+
+async def test_a_signed_webhook_with_a_non_utf8_body_is_403(
+    module_env: ModuleEnv, pool: asyncpg.Pool, redis: ArqRedis, ctx: Ctx
+) -> None:
+    from twilio.request_validator import RequestValidator
+
+    url = "https://hall.example/v1/webhooks/twilio/sms"
+    settings = settings_with(
+        module_env, twilio_auth_token="hook-token", public_base_url="https://hall.example"
+    )
+    app = create_app(settings, pool=pool, redis=redis)
+    raw = b"MessageSid=SM9&From=%2B447911123456&Body=caf\xe9"
+    # what a sender would sign if it read the bytes as Latin-1
+    params = {"MessageSid": "SM9", "From": "+447911123456", "Body": "caf\u00e9"}
+    signature = RequestValidator("hook-token").compute_signature(url, params)
+    before = await snapshot(pool)
+    async with AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver.local"
+    ) as c:
+        resp = await c.post(
+            "/v1/webhooks/twilio/sms",
+            content=raw,
+            headers={
+                "content-type": "application/x-www-form-urlencoded",
+                "x-twilio-signature": signature,
+            },
+        )
+    assert_problem(resp, 403, "invalid_signature")
+    assert (await snapshot(pool)).rows == before.rows
+
+
+# --- unknown paths ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/schema/redoc", 404, "not_found"),
+        ("GET", "/schema/elements", 404, "not_found"),
+        ("GET", "/schema/rapidoc", 404, "not_found"),
+        ("GET", "/schema/openapi.yaml", 404, "not_found"),
+        ("GET", "/schema/nothing/here", 404, "not_found"),
+        ("GET", "/nope", 404, "not_found"),
+        ("GET", "/v1/nope", 404, "not_found"),
+        ("GET", "/docs/static/nothing.js", 404, "not_found"),
+        ("POST", "/health", 405, "method_not_allowed"),
+        ("DELETE", "/v1/branches", 405, "method_not_allowed"),
+        ("GET", "/v1/branches/%FF", 404, "not_found"),
+    ],
+)
+async def test_unknown_paths_answer_problem_json_with_a_request_id(
+    ctx: Ctx, method: str, path: str, status: int, code: str
+) -> None:
+    resp = await ctx.client.request(method, path, headers={"x-request-id": "probe-1"})
+    body = assert_problem(resp, status, code)
+    assert body["request_id"] == "probe-1"
+    assert resp.headers["x-request-id"] == "probe-1"
+    made = await ctx.client.request(method, path)
+    assert len(assert_problem(made, status, code)["request_id"]) == 32

@@ -55,6 +55,30 @@ async def test_metrics_are_prometheus_text(client: httpx.AsyncClient) -> None:
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/plain")
     assert "selfserve_requests_total" in resp.text
+    # one charset, and HEAD answers with the same headers and no body
+    assert resp.headers["content-type"].count("charset") == 1, resp.headers["content-type"]
+    head = await client.head("/metrics")
+    assert head.status_code == 200
+    assert head.headers["content-type"] == resp.headers["content-type"]
+    assert head.content == b""
+
+
+async def test_swagger_ui_calls_no_outside_validator(client: httpx.AsyncClient) -> None:
+    for path in ("/docs", "/schema/swagger", "/schema"):
+        page = await client.get(path)
+        assert page.status_code == 200, path
+        assert "validatorUrl: null" in page.text, path
+
+
+async def test_served_document_is_the_committed_one(client: httpx.AsyncClient) -> None:
+    import json
+    from pathlib import Path
+
+    committed = json.loads(
+        (Path(__file__).resolve().parents[2] / "openapi" / "openapi.json").read_text()
+    )
+    served = (await client.get("/schema/openapi.json")).json()
+    assert served == committed
 
 
 async def test_ready_names_redis_when_it_is_down(module_env: ModuleEnv, pool: asyncpg.Pool) -> None:
@@ -114,6 +138,10 @@ async def test_every_docs_page_uses_only_local_assets(client: httpx.AsyncClient)
         for url in urls:
             assert url.startswith("/"), (path, url)
             assert (await client.get(url)).status_code == 200, url
-    # Renderers that would pull scripts from a CDN are not served at all.
+    # Renderers that would pull scripts from a CDN are not served at all: their paths
+    # answer like any unknown path, a problem document with a request id.
     for path in ("/schema/redoc", "/schema/elements", "/schema/rapidoc"):
-        assert (await client.get(path)).status_code == 404
+        resp = await client.get(path)
+        assert resp.status_code == 404
+        assert resp.headers["content-type"] == "application/problem+json"
+        assert resp.json()["request_id"]

@@ -125,3 +125,84 @@ def test_every_admin_operation_documents_401_and_403(document: dict[str, Any]) -
                 f"{method} {path} {status} is not documented as a problem response"
             )
         assert op.get("security"), f"{method} {path} does not declare its bearer security"
+
+
+def _walk(node: Any, path: str = "") -> Any:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield path + "/" + str(key), key, value
+            yield from _walk(value, path + "/" + str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, f"{path}[{i}]")
+
+
+def test_integer_bounds_are_integers(document: dict[str, Any]) -> None:
+    bounds = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+    found = 0
+    for where, key, value in _walk(document):
+        if key in bounds and isinstance(value, int | float):
+            found += 1
+            if isinstance(value, float):
+                assert not value.is_integer(), f"{where} prints an integer as {value}"
+    assert found, "no bounds at all: the walk is broken"
+    limit = next(
+        p for p in document["paths"]["/v1/branches"]["get"]["parameters"] if p["name"] == "limit"
+    )
+    assert (limit["schema"]["minimum"], limit["schema"]["maximum"]) == (1, 200)
+    # the largest id is the exact bigint limit, not a rounded float
+    assert 2**63 - 1 in [v for _, k, v in _walk(document) if k == "maximum"]
+    assert 2**63 not in [v for _, k, v in _walk(document) if k == "maximum"]
+
+
+def test_only_operations_reading_a_json_body_list_a_400(document: dict[str, Any]) -> None:
+    with_400 = 0
+    for method, path, op in operations(document):
+        content = (op.get("requestBody") or {}).get("content", {})
+        if "application/json" in content:
+            with_400 += 1
+            assert "400" in op["responses"], f"{method} {path} reads JSON but lists no 400"
+        else:
+            assert "400" not in op["responses"], f"{method} {path} lists a 400 without a body"
+    assert with_400
+
+
+def test_phone_fields_show_a_uk_example_beside_the_chinese_one(document: dict[str, Any]) -> None:
+    phone_schemas = [
+        value
+        for where, key, value in _walk(document)
+        if key == "phone" and isinstance(value, dict) and "/properties/" in where
+    ]
+    described = [s for s in phone_schemas if "E.164" in s.get("description", "")]
+    assert described, phone_schemas
+    for schema in described:
+        text = schema["description"] + " ".join(schema.get("examples", []))
+        assert "+447" in text, schema
+        assert "+86" in text, schema
+
+
+def test_schedule_availability_is_documented(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    documented = [
+        name
+        for name, schema in schemas.items()
+        if "available" in schema.get("properties", {})
+        and schema["properties"]["available"].get("description")
+    ]
+    assert len(documented) >= 3, documented  # the exception body, the update and the answer
+
+
+def test_descriptions_promise_only_operations_that_exist(document: dict[str, Any]) -> None:
+    paths = {re.sub(r"\{[^}]+\}", "{}", p) for p in document["paths"]}
+    live_feeds = {"/v1/branches/{}/live"}  # the WebSocket board: not an OpenAPI operation
+    texts = [v for _, k, v in _walk(document) if k in ("description", "summary")]
+    for text in texts:
+        if not isinstance(text, str):
+            continue
+        for mentioned in re.findall(r"/v1/[A-Za-z0-9_/{}-]*[A-Za-z0-9_}]", text):
+            shape = re.sub(r"\{[^}]+\}", "{}", mentioned)
+            if shape in ("/v1/auth", "/v1/auth/"):
+                continue
+            assert shape in paths | live_feeds, f"{mentioned!r} is promised but not served"
+    info = document["info"]["description"].lower()
+    assert "not part of this api yet" in info

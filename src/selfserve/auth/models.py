@@ -37,8 +37,20 @@ class TokenPair(msgspec.Struct, kw_only=True):
     branch_ids: list[int] | None
 
 
+MobilePhone = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=3,
+        max_length=32,
+        description="Mobile number in international format, e.g. +8613800138000 (China) "
+        "or +447911123456 (UK)",
+        examples=["+8613800138000", "+447911123456"],
+    ),
+]
+
+
 class CodeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    phone: Annotated[str, msgspec.Meta(min_length=3, max_length=32, examples=["+8613800138000"])]
+    phone: MobilePhone
 
 
 class CodeSent(msgspec.Struct, kw_only=True):
@@ -46,7 +58,7 @@ class CodeSent(msgspec.Struct, kw_only=True):
 
 
 class CodeExchange(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    phone: Annotated[str, msgspec.Meta(min_length=3, max_length=32)]
+    phone: MobilePhone
     code: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{6}$")]
     channel: Literal["app", "mini_program", "web"]
 

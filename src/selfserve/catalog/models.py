@@ -29,9 +29,32 @@ Minutes = Annotated[int, Meta(ge=0, le=100_000)]
 Money = Annotated[
     int, Meta(ge=0, le=MAX_BIGINT, description="Integer minor units (e.g. fen, pence)")
 ]
+Deposit = Annotated[
+    int,
+    Meta(
+        ge=0,
+        le=MAX_BIGINT,
+        description="Integer minor units. Online payment is not part of this API yet: a "
+        "booking of a service with a deposit is created as `pending_payment`.",
+    ),
+]
 Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
 Timezone = Annotated[str, Meta(min_length=1, max_length=64, description="IANA time zone")]
-Phone = Annotated[str, Meta(max_length=32)]
+Phone = Annotated[
+    str,
+    Meta(
+        max_length=32,
+        description="Branch phone in international format, e.g. +862150501234 or +442079460000",
+    ),
+]
+Available = Annotated[
+    bool,
+    Meta(
+        description="Dated exceptions: `false` (the default) takes the resource off duty "
+        "in the span (leave, a closure), `true` puts it on duty there (extra hours). "
+        "Weekly shifts are always `true`."
+    ),
+]
 ResourceKind = Literal["counter", "staff", "room"]
 DeviceKind = Literal["kiosk", "display"]
 StaffRole = Literal["admin", "manager", "staff"]
@@ -100,7 +123,7 @@ class ServiceCreate(Input, kw_only=True):
     buffer_before_min: Annotated[int, Meta(ge=0, le=1440)] = 0
     buffer_after_min: Annotated[int, Meta(ge=0, le=1440)] = 0
     price_minor: Money = 0
-    deposit_minor: Money = 0
+    deposit_minor: Deposit = 0
     currency: Currency = "CNY"
     min_party: Annotated[int, Meta(ge=1, le=1000)] = 1
     max_party: Annotated[int, Meta(ge=1, le=1000)] = 1
@@ -117,7 +140,7 @@ class ServiceUpdate(Input, kw_only=True):
     buffer_before_min: Annotated[int, Meta(ge=0, le=1440)] | UnsetType = UNSET
     buffer_after_min: Annotated[int, Meta(ge=0, le=1440)] | UnsetType = UNSET
     price_minor: Money | UnsetType = UNSET
-    deposit_minor: Money | UnsetType = UNSET
+    deposit_minor: Deposit | UnsetType = UNSET
     currency: Currency | UnsetType = UNSET
     min_party: Annotated[int, Meta(ge=1, le=1000)] | UnsetType = UNSET
     max_party: Annotated[int, Meta(ge=1, le=1000)] | UnsetType = UNSET
@@ -197,7 +220,7 @@ class ExceptionCreate(Input, kw_only=True, tag="exception", tag_field="kind"):
     resource_id: Id
     starts_at: AwareDatetime
     ends_at: AwareDatetime
-    available: bool = False
+    available: Available = False
     note: Annotated[str, Meta(max_length=200)] = ""
 
 
@@ -210,7 +233,7 @@ class ScheduleUpdate(Input, kw_only=True):
     end: ClockTime | UnsetType = UNSET
     starts_at: AwareDatetime | UnsetType = UNSET
     ends_at: AwareDatetime | UnsetType = UNSET
-    available: bool | UnsetType = UNSET
+    available: Available | UnsetType = UNSET
     note: Annotated[str, Meta(max_length=200)] | UnsetType = UNSET
 
 
@@ -224,7 +247,7 @@ class Schedule(msgspec.Struct, kw_only=True):
     end: str | None
     starts_at: datetime | None
     ends_at: datetime | None
-    available: bool
+    available: Available
     note: str
     active: bool
     created_at: datetime

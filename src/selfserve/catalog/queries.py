@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -111,19 +112,30 @@ WHERE NOT EXISTS (SELECT 1 FROM branches b WHERE b.id = x AND b.active)
 """
 
 
+# A cursor is opaque to clients: base64url (no padding) of the last id in ASCII digits.
+# Decoding accepts exactly what encoding produces, so no input reaches int() unchecked.
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,28}")
+_CURSOR_ID = re.compile(rb"[0-9]{1,19}")
+
+
 def encode_cursor(last_id: int) -> str:
     return base64.urlsafe_b64encode(str(last_id).encode()).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str | None) -> int:
+    """The id a cursor carries; 0 for no cursor; 422 for anything this API did not issue."""
     if not cursor:
         return 0
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        value = int(base64.urlsafe_b64decode(padded.encode()).decode())
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInput.field("cursor", "not a cursor this API issued") from None
-    if not 0 <= value <= MAX_BIGINT:
+    raw = b""
+    if _CURSOR.fullmatch(cursor):
+        try:
+            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        except ValueError:
+            raw = b""
+    if not _CURSOR_ID.fullmatch(raw) or encode_cursor(int(raw)) != cursor:
+        raise InvalidInput.field("cursor", "not a cursor this API issued")
+    value = int(raw)
+    if value > MAX_BIGINT:
         raise InvalidInput.field("cursor", "not a cursor this API issued")
     return value
 

@@ -73,18 +73,29 @@ def minute_to_clock(value: int) -> str:
 # --- branches ----------------------------------------------------------------
 
 _VALID_ZONES: frozenset[str] | None = None
+# IANA names: Area/Location components each starting with a capital letter (also UTC,
+# Etc/GMT+5, US/Eastern). This leaves out what a system's zoneinfo folder holds beside
+# them (`localtime`, `posixrules`, `posix/...`, `right/...`); `Factory` is tzdata's
+# placeholder zone, not a place.
+_IANA_NAME = re.compile(r"[A-Z][A-Za-z0-9_+-]*(/[A-Z][A-Za-z0-9_+-]*)*")
+_NOT_PLACES = frozenset({"Factory"})
 
 
 def validate_timezone(name: str, field: str = "timezone") -> None:
     global _VALID_ZONES
     if _VALID_ZONES is None:
-        _VALID_ZONES = frozenset(available_timezones())
+        _VALID_ZONES = frozenset(
+            zone
+            for zone in available_timezones()
+            if _IANA_NAME.fullmatch(zone) and zone not in _NOT_PLACES
+        )
+    hint = "an IANA time zone name such as Asia/Shanghai or Europe/London"
     if name not in _VALID_ZONES:
-        raise InvalidInput.field(field, f"unknown IANA time zone {name!r}")
+        raise InvalidInput.field(field, f"{name!r} is not {hint}")
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise InvalidInput.field(field, f"unknown IANA time zone {name!r}") from None
+        raise InvalidInput.field(field, f"{name!r} is not {hint}") from None
 
 
 def validate_hours(hours: Sequence[OpeningHours], closures: Sequence[Closure]) -> None:

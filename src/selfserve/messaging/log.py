@@ -122,7 +122,10 @@ class MessageLogController(Controller):
         self,
         pool: DbPool,
         principal: Caller,
-        phone: Annotated[str | None, QueryParameter(description="E.164 phone")] = None,
+        phone: Annotated[
+            str | None,
+            QueryParameter(description="E.164 phone, e.g. +8613800138000 or +447911123456"),
+        ] = None,
         status: Annotated[MessageStatus | None, QueryParameter()] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
         cursor: Annotated[str | None, QueryParameter()] = None,

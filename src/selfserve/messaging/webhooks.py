@@ -7,7 +7,9 @@ from urllib.parse import parse_qsl
 
 import msgspec
 from litestar import Controller, Request, Response, post
+from litestar.connection import ASGIConnection
 from litestar.params import URLEncodedBody
+from litestar.utils.scope.state import ScopeState
 from twilio.request_validator import RequestValidator
 
 from selfserve.context import AppSettings, DbPool
@@ -41,9 +43,26 @@ class _Params(dict[str, list[str]]):
         return self[name]
 
 
+def _form(raw: bytes) -> _Params | None:
+    """The url-encoded form, or None when it cannot be what Twilio signed (not UTF-8)."""
+    try:
+        text = raw.decode("utf-8")
+        pairs = parse_qsl(text, keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    params = _Params()
+    for key, value in pairs:
+        params.setdefault(key, []).append(value)
+    return params
+
+
 async def verify_twilio_signature(request: Request[Any, Any, Any], settings: Settings) -> None:
     """Check X-Twilio-Signature against the public URL Twilio called (TLS proxies:
-    the URL is built from SELFSERVE_PUBLIC_BASE_URL, never from the Host header)."""
+    the URL is built from SELFSERVE_PUBLIC_BASE_URL, never from the Host header).
+
+    Nothing of the body is trusted before this passes: no signature is 403 without
+    reading it, and a body that is not UTF-8 cannot carry a valid signature. The form
+    checked here is the one the handler then receives."""
     signature = request.headers.get("x-twilio-signature")
     token = settings.twilio_auth_token
     if not signature or not token:
@@ -51,16 +70,25 @@ async def verify_twilio_signature(request: Request[Any, Any, Any], settings: Set
     url = settings.public_base_url + request.url.path
     if request.url.query:
         url += "?" + request.url.query
-    params = _Params()
-    for key, value in parse_qsl((await request.body()).decode(), keep_blank_values=True):
-        params.setdefault(key, []).append(value)
-    if not RequestValidator(token).validate(url, params, signature):
+    params = _form(await request.body())
+    if params is None or not RequestValidator(token).validate(url, params, signature):
         raise Forbidden(code="invalid_signature")
+    ScopeState.from_scope(request.scope).form = {
+        key: values[0] if len(values) == 1 else values for key, values in params.items()
+    }
+
+
+async def twilio_signed(connection: ASGIConnection[Any, Any, Any, Any], _: object) -> None:
+    """Guard: runs before the form is parsed into the handler's `data`."""
+    if not isinstance(connection, Request):  # the webhooks are HTTP routes only
+        raise Forbidden(code="invalid_signature")
+    await verify_twilio_signature(connection, connection.app.state.settings)
 
 
 class TwilioWebhookController(Controller):
     path = "/v1/webhooks/twilio"
     tags = ["SMS (Twilio)"]
+    guards = [twilio_signed]
 
     @post(
         "/sms",
@@ -81,7 +109,6 @@ class TwilioWebhookController(Controller):
         pool: DbPool,
         settings: AppSettings,
     ) -> Response[str]:
-        await verify_twilio_signature(request, settings)
         reply = await handle_inbound(
             pool,
             message_sid=data.message_sid,
@@ -110,7 +137,6 @@ class TwilioWebhookController(Controller):
         pool: DbPool,
         settings: AppSettings,
     ) -> None:
-        await verify_twilio_signature(request, settings)
         await apply_status(
             pool,
             message_sid=data.message_sid,

@@ -21,7 +21,15 @@ Priority = Annotated[
         "(e.g. 1 pregnancy, 2 elderly, 3 disability; the branch decides)",
     ),
 ]
-Phone = Annotated[str, Meta(min_length=1, max_length=32, description="E.164 mobile number")]
+Phone = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=32,
+        description="E.164 mobile number, e.g. +8613800138000 (China) or +447911123456 (UK)",
+        examples=["+8613800138000", "+447911123456"],
+    ),
+]
 TicketStatus = Literal["waiting", "called", "serving", "done", "no_show", "cancelled"]
 
 

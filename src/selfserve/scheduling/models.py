@@ -14,7 +14,15 @@ from selfserve.catalog.models import MAX_BIGINT
 Id = Annotated[int, Meta(ge=1, le=MAX_BIGINT)]
 PartySize = Annotated[int, Meta(ge=1, le=1000)]
 AwareDatetime = Annotated[datetime, Meta(tz=True, description="RFC 3339 with an offset")]
-Phone = Annotated[str, Meta(min_length=1, max_length=32, description="E.164 mobile number")]
+Phone = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=32,
+        description="E.164 mobile number, e.g. +8613800138000 (China) or +447911123456 (UK)",
+        examples=["+8613800138000", "+447911123456"],
+    ),
+]
 BookingStatus = Literal["pending_payment", "confirmed", "cancelled", "no_show", "completed"]
 
 

@@ -61,6 +61,7 @@ from arq.connections import ArqRedis
 
 from selfserve import db, idempotency, limits
 from selfserve.auth.tokens import Principal
+from selfserve.catalog.queries import decode_cursor, encode_cursor
 from selfserve.db import Conn, Record
 from selfserve.errors import (
     BookingCheckedIn,
@@ -554,11 +555,13 @@ async def get_booking(pool: asyncpg.Pool, principal: Principal, booking_id: int)
 
 
 def _cursor(cursor: str | None) -> int | None:
-    if cursor is None:
+    """Newest-first pages: the opaque cursor carries the last id seen (catalogue format)."""
+    if not cursor:
         return None
-    if not cursor.isdigit() or not 0 < int(cursor) < 2**63:
-        raise InvalidInput.field("cursor", "not a cursor from a previous page")
-    return int(cursor)
+    after = decode_cursor(cursor)
+    if after < 1:
+        raise InvalidInput.field("cursor", "not a cursor this API issued")
+    return after
 
 
 async def list_bookings(
@@ -567,7 +570,7 @@ async def list_bookings(
     after = _cursor(cursor)
     rows = await pool.fetch(q.BOOKINGS_OF_CUSTOMER, principal.id, after, limit + 1)
     items = [booking_out(r) for r in rows[:limit]]
-    nxt = str(items[-1].id) if len(rows) > limit and items else None
+    nxt = encode_cursor(items[-1].id) if len(rows) > limit and items else None
     return items, nxt
 
 
@@ -791,7 +794,7 @@ async def list_waitlist(
     after = _cursor(cursor)
     rows = await pool.fetch(q.WAITLIST_OF_CUSTOMER, principal.id, after, limit + 1)
     items = [waitlist.entry_out(r) for r in rows[:limit]]
-    nxt = str(items[-1].id) if len(rows) > limit and items else None
+    nxt = encode_cursor(items[-1].id) if len(rows) > limit and items else None
     return items, nxt
 
 
