@@ -18,6 +18,7 @@ from arq.worker import Worker
 
 from selfserve import worker as worker_module
 from selfserve.auth.tokens import Principal
+from selfserve.messaging.templates import render
 from selfserve.queueing import service as svc
 from selfserve.queueing.models import TicketCreate
 from selfserve.queueing.sweeps import close_stale_tickets, sweep_turn_near
@@ -40,10 +41,12 @@ def clerk(h: Hall) -> Principal:
 
 
 async def texts(pool: asyncpg.Pool, template: str, to: str) -> list[asyncpg.Record]:
+    """Texts of `template` to one phone; "turn_near" includes its "you are next" form."""
+    templates = [template, "turn_near_next"] if template == "turn_near" else [template]
     return await pool.fetch(
         "SELECT body, status, dedupe_key, send_at, expires_at FROM messages "
-        "WHERE template = $1 AND phone = $2 ORDER BY id",
-        template,
+        "WHERE template = ANY($1::text[]) AND phone = $2 ORDER BY id",
+        templates,
         to,
     )
 
@@ -70,12 +73,16 @@ async def test_every_call_is_texted_once_across_a_transfer_and_recalls(
     assert resp.json()["recalls"] == 1
 
     sent = await texts(pool, "ticket_called", to)
-    code = t["display_code"]
+    names = {r["id"]: r["name"] for r in await pool.fetch("SELECT id, name FROM resources")}
+
+    def go_to(counter: int) -> str:
+        return render("ticket_called", "en", ticket=t["display_code"], counter=names[counter]).body
+
     assert [(r["body"], r["status"]) for r in sent] == [
         # not yet out when the ticket moved: it named a counter the ticket had left
-        (f"Ticket {code}: please go to counter 1 now.", "canceled"),
-        (f"Ticket {code}: please go to counter 2 now.", "pending"),
-        (f"Ticket {code}: please go to counter 2 now.", "pending"),
+        (go_to(first), "canceled"),
+        (go_to(second), "pending"),
+        (go_to(second), "pending"),
     ]
     assert len({r["dedupe_key"] for r in sent}) == 3
 
@@ -281,7 +288,7 @@ async def test_the_turn_near_sweep_texts_what_a_dead_process_left_once_under_con
 
     async def near() -> list[str]:
         rows = await pool.fetch(
-            "SELECT phone FROM messages WHERE template = 'turn_near' AND branch_id = $1",
+            "SELECT phone FROM messages WHERE template IN ('turn_near', 'turn_near_next') AND branch_id = $1",
             h.branch_id,
         )
         return sorted(r["phone"] for r in rows)
