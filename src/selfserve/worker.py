@@ -55,7 +55,11 @@ async def startup(ctx: dict[str, Any]) -> None:
         raise ConfigError("DATABASE_URL is not set")
     ctx["settings"] = settings
     ctx["pool"] = await db.create_pool(
-        settings.database_url, min_size=1, max_size=settings.db_pool_max
+        settings.database_url,
+        min_size=1,
+        max_size=settings.db_pool_max,
+        acquire_timeout=settings.db_acquire_timeout_s,
+        command_timeout=settings.db_command_timeout_s,
     )
     ctx["sms"] = build_transport(settings)
 

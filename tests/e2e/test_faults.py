@@ -1,0 +1,324 @@
+"""Proof under faults, on real servers: PostgreSQL and Valkey of this module's own
+(started, stopped and restarted by the test; the machine's shared servers are never
+touched), two `selfserve serve` APIs and two `selfserve worker`s, a local Twilio, and
+a mixed load of real clients (bookings, walk-in tickets, counters calling them, and
+the SMS all of that sends).
+
+After each fault the load's every answer is checked against the database: a request
+answered 201 happened exactly once, one answered 4xx did not happen, and one answered
+in doubt (503, or no answer) is settled by sending it again with its Idempotency-Key:
+the retry replays the original if it had committed, or runs it now. No answer is a
+5xx other than a 503 problem document with Retry-After, and none hangs. Every SMS
+due is handed to Twilio exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from selfserve import db
+from selfserve.embedded import EmbeddedServices
+from selfserve.scheduling import ledger
+from tests.conftest import ModuleEnv
+from tests.e2e.faults import (
+    PROBLEM,
+    Answer,
+    Load,
+    Request,
+    bearer,
+    call,
+    private_servers,
+    seed_world,
+    stack,
+    twilio_env,
+)
+from tests.queue_helpers import open_counters
+from tests.twilio_server import FakeTwilio
+
+pytestmark = pytest.mark.e2e
+
+SETTLE_S = 60.0  # bound on waiting for the load or the stack to reach a state
+SMS_SETTLE_S = 330.0  # a send cut off mid-way waits out the lease (120 s) and a sweep
+
+
+@pytest.fixture(scope="module")
+def private(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[EmbeddedServices, ModuleEnv]]:
+    with private_servers(tmp_path_factory.mktemp("servers")) as found:
+        yield found
+
+
+@pytest.fixture(scope="module")
+def twilio() -> Iterator[FakeTwilio]:
+    fake = FakeTwilio().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture(scope="module")
+async def ppool(private: tuple[EmbeddedServices, ModuleEnv]) -> AsyncIterator[asyncpg.Pool]:
+    p = await db.create_pool(private[1].database_url, min_size=1, max_size=4)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def until(what: str, ok: Callable[[], bool], timeout: float = SETTLE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def until_async(
+    what: str, ok: Callable[[], Awaitable[bool]], timeout: float = SETTLE_S
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not await ok():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def all_ready(urls: list[str]) -> bool:
+    async with httpx.AsyncClient(timeout=5, trust_env=False) as c:
+        for url in urls:
+            try:
+                if (await c.get(url + "/ready")).status_code != 200:
+                    return False
+            except httpx.HTTPError:
+                return False
+    return True
+
+
+def unavailable(a: Answer) -> bool:
+    """A well-formed 503: a problem document with a stable code and Retry-After."""
+    return (
+        a.status == 503
+        and a.headers.get("content-type", "").startswith(PROBLEM)
+        and a.code in ("database_unavailable", "service_unavailable")
+        and int(a.headers.get("retry-after", "0")) >= 1
+    )
+
+
+# --- the checks ---------------------------------------------------------------------
+
+
+def assert_answers_sound(load: Load) -> None:
+    """No transport error (no hang, no dropped connection) and no 5xx but a clean 503."""
+    broken = [a for a in load.answers if a.status is None]
+    assert not broken, [a.error for a in broken[:5]]
+    bad = [
+        (a.kind, a.status, a.body) for a in load.answers if a.status >= 500 and not unavailable(a)
+    ]  # type: ignore[operator]
+    assert not bad, bad[:5]
+
+
+async def settle(load: Load, urls: list[str], tokens: dict[int, str]) -> None:
+    """Send every request answered in doubt again, with its key, until it answers."""
+    async with httpx.AsyncClient(base_url=urls[0], timeout=60, trust_env=False) as client:
+        for req in load.requests:
+            for _ in range(30):
+                if not req.final.in_doubt:
+                    break
+                answer = await call(
+                    client,
+                    req.kind,
+                    "POST",
+                    req.path,
+                    json=req.json,
+                    headers=bearer(tokens[req.owner]),
+                    key=req.key,
+                )
+                req.answers.append(answer)
+                if answer.in_doubt:
+                    await asyncio.sleep(0.5)
+            assert not req.final.in_doubt, (req.kind, req.final)
+
+
+async def assert_requests_happened_exactly_as_answered(pool: asyncpg.Pool, load: Load) -> None:
+    """One request per customer: the customer's rows tell whether it happened."""
+    for kind, table in (("booking", "bookings"), ("ticket", "tickets")):
+        reqs = [r for r in load.requests if r.kind == kind]
+        rows = await pool.fetch(
+            f"SELECT id, customer_id FROM {table} WHERE customer_id = ANY($1::bigint[])",
+            [r.owner for r in reqs],
+        )
+        made: dict[int, list[int]] = {}
+        for row in rows:
+            made.setdefault(row["customer_id"], []).append(row["id"])
+        for r in reqs:
+            created = {a.body["id"] for a in r.answers if a.status == 201 and a.body}
+            if r.final.status == 201:
+                assert len(created) == 1, (kind, r.answers)  # a retry replays, never redoes
+                assert made.get(r.owner) == list(created), (kind, r.owner, made.get(r.owner))
+            else:
+                assert r.final.status is not None
+                assert 400 <= r.final.status < 500, (kind, r.final)
+                assert not created, (kind, r.answers)
+                assert r.owner not in made, (kind, r.owner, r.answers)
+
+
+async def assert_state_sound(pool: asyncpg.Pool, load: Load) -> None:
+    async with pool.acquire() as conn:
+        assert await ledger.overbooked(conn) == []
+        # Each booking has its confirmation text: written with it, or not at all.
+        lonely = await conn.fetch(
+            "SELECT b.id FROM bookings b LEFT JOIN messages m "
+            "ON m.dedupe_key = 'booking:' || b.id || ':confirmation' WHERE m.id IS NULL"
+        )
+        assert lonely == []
+        # A counter holds one ticket at most; every ticket called has its text.
+        busy = await conn.fetch(
+            "SELECT counter_id, count(*) FROM tickets WHERE status IN ('called', 'serving') "
+            "GROUP BY counter_id HAVING count(*) > 1"
+        )
+        assert busy == []
+        untexted = await conn.fetch(
+            "SELECT t.id FROM tickets t LEFT JOIN messages m "
+            "ON m.dedupe_key = 'ticket:' || t.id || ':called:0' "
+            "WHERE t.called_at IS NOT NULL AND t.phone IS NOT NULL AND m.id IS NULL"
+        )
+        assert untexted == []
+        called = [t for _, t in load.calls]
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM tickets WHERE id = ANY($1::bigint[]) AND status = 'waiting'",
+            called,
+        )
+        assert waiting == 0
+
+
+async def assert_every_sms_sent_once(pool: asyncpg.Pool, twilio: FakeTwilio) -> None:
+    """Every message due reaches Twilio, and exactly once: the provider's messages and
+    the rows marked sent are the same set."""
+
+    async def settled() -> bool:
+        left = await pool.fetchval(
+            "SELECT count(*) FROM messages WHERE status IN ('pending', 'sending') "
+            "AND send_at <= now()"
+        )
+        return bool(left == 0)
+
+    await until_async("every due SMS to be sent", settled, timeout=SMS_SETTLE_S)
+    rows = await pool.fetch("SELECT id, status, phone, body, provider_sid FROM messages")
+    statuses = Counter(r["status"] for r in rows)
+    assert set(statuses) <= {"sent", "pending"}, statuses  # pending: reminders ahead
+    sent = {r["provider_sid"]: r for r in rows if r["status"] == "sent"}
+    with twilio.lock:
+        provider = {m["sid"]: m for m in twilio.messages}
+    assert len(sent) == statuses["sent"]  # no sid recorded twice
+    assert set(sent) == set(provider), (len(sent), len(provider))
+    for sid, row in sent.items():
+        assert (provider[sid]["to"], provider[sid]["body"]) == (row["phone"], row["body"])
+    assert sent, "the load sent no SMS"
+
+
+# --- the faults ------------------------------------------------------------------------
+
+
+async def test_postgres_restart_under_mixed_load(
+    private: tuple[EmbeddedServices, ModuleEnv],
+    ppool: asyncpg.Pool,
+    twilio: FakeTwilio,
+    tmp_path: Path,
+) -> None:
+    embedded, env = private
+    twilio.reset()
+    world = await seed_world(ppool, env)
+    tokens = dict(world.customers)
+    with stack(env, tmp_path, extra_env=twilio_env(twilio)) as s:
+        urls = s.api_urls()
+        pids = {name: p.pid for name, p in s.procs.items()}
+        async with httpx.AsyncClient(base_url=urls[0], timeout=60, trust_env=False) as c:
+            await open_counters(c, world.hall)
+        load = Load(world, urls, ppool)
+        load.start()
+        try:
+            await until(
+                "the load to get going",
+                lambda: (
+                    load.count("booking", 201) >= 10
+                    and load.count("ticket", 201) >= 5
+                    and len(load.calls) >= 2
+                ),
+            )
+            await asyncio.to_thread(embedded.stop_postgres)
+
+            # While PostgreSQL is down every API answers at once, with a clean 503.
+            async with httpx.AsyncClient(timeout=30, trust_env=False) as c:
+                for url in urls:
+                    customer_id, token = load.next_customer()
+                    req = Request(
+                        "booking",
+                        customer_id,
+                        "/v1/bookings",
+                        {
+                            "branch_id": world.branch_id,
+                            "service_id": world.service_id,
+                            "start": world.starts[0].isoformat(),
+                        },
+                        f"probe-{customer_id}",
+                    )
+                    answer = await call(
+                        c,
+                        "booking",
+                        "POST",
+                        url + req.path,
+                        json=req.json,
+                        headers=bearer(token),
+                        key=req.key,
+                    )
+                    req.answers.append(answer)
+                    load.requests.append(req)
+                    load.answers.append(answer)
+                    assert unavailable(answer), answer
+                    assert answer.code == "database_unavailable"
+                    for path in (
+                        f"/v1/availability?branch_id={world.branch_id}"
+                        f"&service_id={world.service_id}&from=2030-01-01T00:00:00Z"
+                        "&to=2030-01-02T00:00:00Z",
+                        f"/v1/tickets/{load.calls[0][1]}",
+                    ):
+                        got = await call(
+                            c, "probe", "GET", url + path, headers=bearer(world.hall.staff)
+                        )
+                        load.answers.append(got)
+                        assert unavailable(got), got
+                    assert (await c.get(url + "/ready")).status_code == 503
+            await until("the load to meet the outage", lambda: load.count("booking", 503) >= 3)
+
+            await asyncio.to_thread(embedded.start_postgres)
+            # The same processes recover by themselves and the load goes on.
+            await until_async("the APIs to be ready again", lambda: all_ready(urls))
+            after = load.count("booking", 201), load.count("ticket", 201), len(load.calls)
+            await until(
+                "the load to go on after the restart",
+                lambda: (
+                    load.count("booking", 201) >= after[0] + 10
+                    and load.count("ticket", 201) >= after[1] + 5
+                    and len(load.calls) >= after[2] + 2
+                ),
+            )
+        finally:
+            await load.stop()
+        assert {name: p.pid for name, p in s.procs.items()} == pids
+        assert sorted(s.alive()) == sorted(pids), s.tail()
+
+        assert_answers_sound(load)
+        await settle(load, urls, tokens)
+        await assert_requests_happened_exactly_as_answered(ppool, load)
+        await assert_state_sound(ppool, load)
+        await assert_every_sms_sent_once(ppool, twilio)
