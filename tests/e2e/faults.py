@@ -6,11 +6,14 @@ of real clients that records every answer for the checks afterwards."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -51,11 +54,16 @@ PROBLEM = "application/problem+json"
 
 
 @contextlib.contextmanager
-def private_servers(root: Path) -> Iterator[tuple[EmbeddedServices, ModuleEnv]]:
-    """Embedded PostgreSQL and Valkey under `root`, migrated, with the env to reach
-    them (tokens minted with its settings are accepted by the stack's processes)."""
-    embedded = EmbeddedServices(root, database="selfserve", persist_redis=False).start()
+def private_servers() -> Iterator[tuple[EmbeddedServices, ModuleEnv]]:
+    """Embedded PostgreSQL and Valkey in a directory of their own, migrated, with the
+    env to reach them (tokens minted with its settings are accepted by the stack's
+    processes). Not under pytest's temporary root: other pytest runs on the machine
+    reset its permissions, and PostgreSQL may run as another user (as root's tests do)."""
+    root = Path(tempfile.mkdtemp(prefix="selfserve-faults-"))
+    root.chmod(0o755)
+    embedded = EmbeddedServices(root, database="selfserve", persist_redis=False)
     try:
+        embedded.start()
         asyncio.run(db.migrate_url(embedded.database_url))
         settings = Settings(
             environment="test",
@@ -72,7 +80,12 @@ def private_servers(root: Path) -> Iterator[tuple[EmbeddedServices, ModuleEnv]]:
             ),
         )
     finally:
+        pg = embedded._pg
         embedded.stop()
+        if pg is not None:
+            # Its exit hook would take its lock again, making the directory anew.
+            atexit.unregister(pg._cleanup)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def twilio_env(twilio: FakeTwilio) -> dict[str, str]:

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -40,6 +41,7 @@ from tests.e2e.faults import (
     stack,
     twilio_env,
 )
+from tests.live_helpers import board, receive, receive_until
 from tests.queue_helpers import open_counters
 from tests.twilio_server import FakeTwilio
 
@@ -50,10 +52,8 @@ SMS_SETTLE_S = 330.0  # a send cut off mid-way waits out the lease (120 s) and a
 
 
 @pytest.fixture(scope="module")
-def private(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[EmbeddedServices, ModuleEnv]]:
-    with private_servers(tmp_path_factory.mktemp("servers")) as found:
+def private() -> Iterator[tuple[EmbeddedServices, ModuleEnv]]:
+    with private_servers() as found:
         yield found
 
 
@@ -314,6 +314,98 @@ async def test_postgres_restart_under_mixed_load(
             )
         finally:
             await load.stop()
+        assert {name: p.pid for name, p in s.procs.items()} == pids
+        assert sorted(s.alive()) == sorted(pids), s.tail()
+
+        assert_answers_sound(load)
+        await settle(load, urls, tokens)
+        await assert_requests_happened_exactly_as_answered(ppool, load)
+        await assert_state_sound(ppool, load)
+        await assert_every_sms_sent_once(ppool, twilio)
+
+
+def _called_or_waiting(ticket_id: int) -> Callable[[dict[str, Any]], bool]:
+    def wanted(m: dict[str, Any]) -> bool:
+        if m.get("type") == "board":
+            return str(ticket_id) in m.get("tickets", {})
+        return m.get("type") == "ticket_called" and m.get("ticket_id") == ticket_id
+
+    return wanted
+
+
+async def test_redis_restarted_and_flushed_under_mixed_load(
+    private: tuple[EmbeddedServices, ModuleEnv],
+    ppool: asyncpg.Pool,
+    twilio: FakeTwilio,
+    tmp_path: Path,
+) -> None:
+    """Valkey shut down without saving (every job, limit counter and subscription is
+    gone) and started again, empty, while the load runs."""
+    embedded, env = private
+    twilio.reset()
+    world = await seed_world(ppool, env)
+    tokens = dict(world.customers)
+    kiosk = bearer(world.hall.kiosk)
+    queue_id = world.hall.queues["A"]
+    with stack(env, tmp_path, extra_env=twilio_env(twilio)) as s:
+        urls = s.api_urls()
+        pids = {name: p.pid for name, p in s.procs.items()}
+        async with httpx.AsyncClient(base_url=urls[0], timeout=60, trust_env=False) as a:
+            await open_counters(a, world.hall)
+            load = Load(world, urls, ppool)
+            load.start()
+            try:
+                # A board on the second process; changes go through the first.
+                async with board(urls[1], world.hall.branch_id, world.hall.kiosk) as ws:
+                    assert (await receive(ws))["type"] == "board"
+                    await until(
+                        "the load to get going",
+                        lambda: (
+                            load.count("booking", 201) >= 10
+                            and load.count("ticket", 201) >= 5
+                            and len(load.calls) >= 2
+                        ),
+                    )
+                    otp = await a.post("/v1/auth/otp", json={"phone": "+8613700000001"})
+                    assert otp.status_code == 202, otp.text
+
+                    await asyncio.to_thread(embedded.stop_redis)
+                    # Rate limits cannot be counted: sign-in codes are refused (503),
+                    # as README says; bookings, tickets and calls go on.
+                    otp = await a.post("/v1/auth/otp", json={"phone": "+8613700000002"})
+                    assert otp.status_code == 503, otp.text
+                    assert otp.headers["content-type"].startswith(PROBLEM)
+                    assert (await a.get("/ready")).status_code == 503
+                    before = load.count("booking", 201), load.count("ticket", 201), len(load.calls)
+                    await until(
+                        "the load to go on without Redis",
+                        lambda: (
+                            load.count("booking", 201) >= before[0] + 5
+                            and load.count("ticket", 201) >= before[1] + 3
+                            and len(load.calls) >= before[2] + 1
+                        ),
+                    )
+
+                    await asyncio.to_thread(embedded.start_redis)
+                    await until_async("the APIs to be ready again", lambda: all_ready(urls))
+                    # The board's process subscribed again by itself: a ticket issued
+                    # through the other process reaches it.
+                    taken = await a.post("/v1/tickets", json={"queue_id": queue_id}, headers=kiosk)
+                    assert taken.status_code == 201, taken.text
+                    await receive_until(ws, _called_or_waiting(taken.json()["id"]), SETTLE_S)
+                    otp = await a.post("/v1/auth/otp", json={"phone": "+8613700000003"})
+                    assert otp.status_code == 202, otp.text
+                after = load.count("booking", 201), load.count("ticket", 201), len(load.calls)
+                await until(
+                    "the load to go on after the restart",
+                    lambda: (
+                        load.count("booking", 201) >= after[0] + 5
+                        and load.count("ticket", 201) >= after[1] + 3
+                        and len(load.calls) >= after[2] + 1
+                    ),
+                )
+            finally:
+                await load.stop()
         assert {name: p.pid for name, p in s.procs.items()} == pids
         assert sorted(s.alive()) == sorted(pids), s.tail()
 
