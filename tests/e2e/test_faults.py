@@ -15,7 +15,9 @@ due is handed to Twilio exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ import httpx
 import pytest
 
 from selfserve import db
+from selfserve.auth.tokens import Principal
 from selfserve.embedded import EmbeddedServices
 from selfserve.scheduling import ledger
 from tests.conftest import ModuleEnv
@@ -43,7 +46,7 @@ from tests.e2e.faults import (
 )
 from tests.live_helpers import board, receive, receive_until
 from tests.queue_helpers import open_counters
-from tests.twilio_server import FakeTwilio
+from tests.twilio_server import FakeTwilio, Reply
 
 pytestmark = pytest.mark.e2e
 
@@ -414,3 +417,151 @@ async def test_redis_restarted_and_flushed_under_mixed_load(
         await assert_requests_happened_exactly_as_answered(ppool, load)
         await assert_state_sound(ppool, load)
         await assert_every_sms_sent_once(ppool, twilio)
+
+
+def holding_connection_to(pids: dict[str, int], port: int) -> str | None:
+    """The name of the process with a TCP connection open to `port`, if any."""
+    import psutil
+
+    for name, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            for conn in psutil.Process(pid).net_connections(kind="tcp"):
+                if conn.raddr and conn.raddr.port == port:
+                    return name
+    return None
+
+
+async def test_a_worker_killed_mid_send_neither_loses_nor_doubles_the_sms(
+    private: tuple[EmbeddedServices, ModuleEnv],
+    ppool: asyncpg.Pool,
+    twilio: FakeTwilio,
+    tmp_path: Path,
+) -> None:
+    """Twilio accepts the message and holds its answer; the worker sending it is killed
+    (SIGKILL) meanwhile. The row stays claimed; after the lease the other worker asks
+    Twilio, finds the message and records it: handed over once, recorded once."""
+    _, env = private
+    twilio.reset()
+    world = await seed_world(ppool, env, customers=1)
+    customer_id, token = world.customers[0]
+    phone = await ppool.fetchval("SELECT phone FROM customers WHERE id = $1", customer_id)
+    twilio.reply(Reply(hold=True))
+    with stack(env, tmp_path, apis=1, workers=2, extra_env=twilio_env(twilio)) as s:
+        async with httpx.AsyncClient(base_url=s.api_urls()[0], timeout=60) as c:
+            resp = await c.post(
+                "/v1/bookings",
+                json={
+                    "branch_id": world.branch_id,
+                    "service_id": world.service_id,
+                    "start": world.starts[0].isoformat(),
+                },
+                headers=bearer(token),
+            )
+        assert resp.status_code == 201, resp.text
+        await until("Twilio to hold the send", twilio.held.is_set)
+        port = int(twilio.base_url.rsplit(":", 1)[1])
+        workers = {n: p.pid for n, p in s.procs.items() if n.startswith("worker")}
+        found: list[str] = []
+
+        def sender() -> bool:
+            name = holding_connection_to(workers, port)
+            if name is not None:
+                found.append(name)
+            return name is not None
+
+        await until("the sending worker's connection", sender)
+        s.kill(found[0])
+        twilio.release.set()  # Twilio answers; nobody is there to hear it
+        key = f"booking:{resp.json()['id']}:confirmation"
+        assert await ppool.fetchval("SELECT status FROM messages WHERE dedupe_key = $1", key) == (
+            "sending"
+        )
+
+        async def recorded() -> bool:
+            status = await ppool.fetchval("SELECT status FROM messages WHERE dedupe_key = $1", key)
+            return bool(status == "sent")
+
+        # arq runs the dead worker's job again once its in-progress mark lapses (the
+        # claim is still leased: nothing happens); after the lease the sweep enqueues it.
+        await until_async("the other worker to settle the send", recorded, 2 * SMS_SETTLE_S)
+    row = await ppool.fetchrow("SELECT provider_sid FROM messages WHERE dedupe_key = $1", key)
+    assert row is not None
+    creates = [r for r in twilio.creates if r.fields.get("To") == phone]
+    assert len(creates) == 1, creates
+    assert [m["sid"] for m in twilio.sent_to(phone)] == [row["provider_sid"]]
+    assert twilio.lookups, "the second attempt asked Twilio first"
+
+
+async def test_an_api_killed_mid_request_leaves_nothing_half_done(
+    private: tuple[EmbeddedServices, ModuleEnv],
+    ppool: asyncpg.Pool,
+    twilio: FakeTwilio,
+    tmp_path: Path,
+) -> None:
+    """A ticket request is held inside its transaction (the test holds a row its last
+    statement needs) and its API process is killed (SIGKILL). The client gets no
+    answer; sending it again with its Idempotency-Key to the other process takes the
+    ticket exactly once."""
+    _, env = private
+    twilio.reset()
+    world = await seed_world(ppool, env, customers=1)
+    customer_id, token = world.customers[0]
+    key = "kill-" + uuid.uuid4().hex
+    subject = Principal(
+        kind="customer", id=customer_id, role="customer", channel="app", branches=()
+    ).subject
+    body = {"queue_id": world.hall.queues["A"]}
+    with stack(env, tmp_path, apis=2, workers=1, extra_env=twilio_env(twilio)) as s:
+        a, b = s.api_urls()
+        blocker = await asyncpg.connect(env.database_url)
+        try:
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute(
+                "INSERT INTO idempotency_keys (principal, key, request_hash, status_code, "
+                "response) VALUES ($1, $2, '\\x00', 201, '{}')",
+                subject,
+                key,
+            )
+            async with httpx.AsyncClient(base_url=a, timeout=60, trust_env=False) as c:
+                request = asyncio.create_task(
+                    call(
+                        c,
+                        "ticket",
+                        "POST",
+                        "/v1/tickets",
+                        json=body,
+                        headers=bearer(token),
+                        key=key,
+                    )
+                )
+
+                async def waiting() -> bool:
+                    n = await ppool.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND application_name = 'selfserve'"
+                    )
+                    return bool(n >= 1)
+
+                await until_async("the request to wait inside its transaction", waiting)
+                s.kill("api0")
+                answer = await request
+            assert answer.status is None, answer  # no answer at all
+        finally:
+            await tx.rollback()
+            await blocker.close()
+
+        async with httpx.AsyncClient(base_url=b, timeout=60, trust_env=False) as c:
+            first = await call(
+                c, "ticket", "POST", "/v1/tickets", json=body, headers=bearer(token), key=key
+            )
+            again = await call(
+                c, "ticket", "POST", "/v1/tickets", json=body, headers=bearer(token), key=key
+            )
+    assert first.status == 201, first
+    assert again.status == 201, again
+    assert first.body is not None
+    assert again.body == first.body
+    assert again.headers.get("idempotent-replayed") == "true"
+    tickets = await ppool.fetch("SELECT id FROM tickets WHERE customer_id = $1", customer_id)
+    assert [t["id"] for t in tickets] == [first.body["id"]]
