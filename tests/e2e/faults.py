@@ -116,6 +116,7 @@ class Stack:
 
     env: dict[str, str]
     logs: Path
+    command: list[str] = field(default_factory=selfserve_command)
     procs: dict[str, Process] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
     _files: list[IO[bytes]] = field(default_factory=list)
@@ -126,7 +127,7 @@ class Stack:
         out = (self.logs / f"{name}.{self._starts[name]}.log").open("wb")
         self._files.append(out)
         proc = subprocess.Popen(
-            [*selfserve_command(), *args],
+            [*self.command, *args],
             env=self.env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -135,11 +136,12 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def start_api(self, name: str, *, port: int | None = None) -> str:
+    def start_api(self, name: str, *, port: int | None = None, workers: int = 1) -> str:
         port = port or free_port()
         url = f"http://127.0.0.1:{port}"
         self.urls[name] = url
-        proc = self.start(name, ["serve", "--host", "127.0.0.1", "--port", str(port)])
+        args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+        proc = self.start(name, args)
         wait_for(f"{url}/ready", ready(url), [proc], logs=self.tail)
         return url
 
