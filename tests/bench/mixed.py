@@ -22,6 +22,7 @@ import contextlib
 import os
 import random
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -322,19 +323,18 @@ async def bench(
             SELFSERVE_QUIET_HOURS_END="00:00",
         )
         logdir = Path(tempfile.mkdtemp(prefix="selfserve-bench-mixed-"))
-        with stack(env, logdir) as (urls, procs):
-            mix = Mix(
-                urls,
-                settings,
-                bid,
-                sid,
-                starts,
-                h.queues["A"],
-                h.counters,
-                h.staff,
-                [(r["id"], r["phone"]) for r in rows],
-            )
-            return await measure(args, mix, pool, procs, twilio, urls)
+        try:
+            with stack(env, logdir) as (urls, procs):
+                customers = [(r["id"], r["phone"]) for r in rows]
+                mix = Mix(
+                    urls, settings, bid, sid, starts, h.queues["A"], h.counters, h.staff, customers
+                )
+                return await measure(args, mix, pool, procs, twilio, urls)
+        finally:
+            for log in sorted(logdir.glob("*.log")):
+                if "Traceback" in (text := log.read_text(errors="replace")):
+                    print(f"--- {log.name} logged a traceback ---\n{text[-3000:]}")
+            shutil.rmtree(logdir, ignore_errors=True)
     finally:
         await pool.close()
 

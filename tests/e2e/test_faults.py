@@ -204,9 +204,10 @@ async def assert_state_sound(pool: asyncpg.Pool, load: Load) -> None:
         assert waiting == 0
 
 
-async def assert_every_sms_sent_once(pool: asyncpg.Pool, twilio: FakeTwilio) -> None:
+async def assert_every_sms_sent_once(pool: asyncpg.Pool, twilio: FakeTwilio, after: int) -> None:
     """Every message due reaches Twilio, and exactly once: the provider's messages and
-    the rows marked sent are the same set."""
+    the rows marked sent are the same set. (Rows up to id `after` are an earlier
+    test's, sent before the fake Twilio was reset.)"""
 
     async def settled() -> bool:
         left = await pool.fetchval(
@@ -216,7 +217,9 @@ async def assert_every_sms_sent_once(pool: asyncpg.Pool, twilio: FakeTwilio) -> 
         return bool(left == 0)
 
     await until_async("every due SMS to be sent", settled, timeout=SMS_SETTLE_S)
-    rows = await pool.fetch("SELECT id, status, phone, body, provider_sid FROM messages")
+    rows = await pool.fetch(
+        "SELECT id, status, phone, body, provider_sid FROM messages WHERE id > $1", after
+    )
     statuses = Counter(r["status"] for r in rows)
     assert set(statuses) <= {"sent", "pending"}, statuses  # pending: reminders ahead
     sent = {r["provider_sid"]: r for r in rows if r["status"] == "sent"}
@@ -240,6 +243,7 @@ async def test_postgres_restart_under_mixed_load(
 ) -> None:
     embedded, env = private
     twilio.reset()
+    earlier = await ppool.fetchval("SELECT coalesce(max(id), 0) FROM messages")
     world = await seed_world(ppool, env)
     tokens = dict(world.customers)
     with stack(env, tmp_path, extra_env=twilio_env(twilio)) as s:
@@ -324,7 +328,7 @@ async def test_postgres_restart_under_mixed_load(
         await settle(load, urls, tokens)
         await assert_requests_happened_exactly_as_answered(ppool, load)
         await assert_state_sound(ppool, load)
-        await assert_every_sms_sent_once(ppool, twilio)
+        await assert_every_sms_sent_once(ppool, twilio, earlier)
 
 
 def _called_or_waiting(ticket_id: int) -> Callable[[dict[str, Any]], bool]:
@@ -346,6 +350,7 @@ async def test_redis_restarted_and_flushed_under_mixed_load(
     gone) and started again, empty, while the load runs."""
     embedded, env = private
     twilio.reset()
+    earlier = await ppool.fetchval("SELECT coalesce(max(id), 0) FROM messages")
     world = await seed_world(ppool, env)
     tokens = dict(world.customers)
     kiosk = bearer(world.hall.kiosk)
@@ -416,7 +421,7 @@ async def test_redis_restarted_and_flushed_under_mixed_load(
         await settle(load, urls, tokens)
         await assert_requests_happened_exactly_as_answered(ppool, load)
         await assert_state_sound(ppool, load)
-        await assert_every_sms_sent_once(ppool, twilio)
+        await assert_every_sms_sent_once(ppool, twilio, earlier)
 
 
 def holding_connection_to(pids: dict[str, int], port: int) -> str | None:
