@@ -40,7 +40,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 # While PostgreSQL is down or restarting, a request waits at most this long for a
 # connection (connecting included) before it is answered 503 `database_unavailable`.
-ACQUIRE_TIMEOUT_S = 5.0
+ACQUIRE_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 30.0
 
 # Failures that mean "the database cannot be reached right now", not "this request is
@@ -85,6 +85,8 @@ class BoundedPool(asyncpg.Pool):
         try:
             await super().release(connection, timeout=timeout)
         except (*UNAVAILABLE, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+            if "received invalid connection" in str(exc):
+                raise  # not one of ours: a bug, not an outage
             log.warning("db_release_failed", error=type(exc).__name__, detail=str(exc))
 
 
