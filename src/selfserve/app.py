@@ -137,6 +137,8 @@ def create_app(
                     settings.database_url,
                     min_size=settings.db_pool_min,
                     max_size=settings.db_pool_max,
+                    acquire_timeout=settings.db_acquire_timeout_s,
+                    command_timeout=settings.db_command_timeout_s,
                 )
             if redis is None:
                 if not settings.redis_url:

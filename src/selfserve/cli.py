@@ -119,13 +119,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from arq.worker import run_worker
-
-    from selfserve.worker import WorkerSettings, redis_settings
+    from selfserve import worker
 
     _production_by_default()
     load_settings()
-    run_worker(WorkerSettings, redis_settings=redis_settings())  # type: ignore[arg-type]
+    worker.run()
     return 0
 
 

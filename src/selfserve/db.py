@@ -18,6 +18,7 @@ import msgspec
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
+from selfserve.errors import DatabaseUnavailable
 from selfserve.paths import project_dir
 
 log = structlog.get_logger("selfserve.db")
@@ -37,16 +38,84 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
+# While PostgreSQL is down or restarting, a request waits at most this long for a
+# connection (connecting included) before it is answered 503 `database_unavailable`.
+ACQUIRE_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 30.0
+
+# Failures that mean "the database cannot be reached right now", not "this request is
+# wrong": the connection was refused, lost or timed out, or the server is starting up
+# or shutting down (SQLSTATE classes 08 and 57).
+UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+class BoundedPool(asyncpg.Pool):
+    """An asyncpg pool whose `acquire()` (and so `pool.fetch()` & co.) never waits
+    unboundedly: without a timeout of its own it uses the pool's, and a connection that
+    cannot be had in time, or cannot be opened at all, is `DatabaseUnavailable`."""
+
+    def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acquire_timeout = acquire_timeout
+
+    async def _acquire(self, timeout: float | None) -> PoolConnectionProxy[Any]:  # noqa: ASYNC109 (asyncpg's own signature)
+        try:
+            proxy: PoolConnectionProxy[Any] = await super()._acquire(  # type: ignore[misc]
+                self._acquire_timeout if timeout is None else timeout
+            )
+        except UNAVAILABLE as exc:
+            raise DatabaseUnavailable() from exc
+        return proxy
+
+    async def release(
+        self,
+        connection: PoolConnectionProxy[Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (asyncpg's own signature)
+    ) -> None:
+        """Give a connection back. If the server went away meanwhile, resetting it
+        fails; asyncpg then closes it (the pool opens a new one when needed) and
+        re-raises. That error is not the request's: its work was already committed
+        or rolled back, so it is logged, not raised over a good answer."""
+        try:
+            await super().release(connection, timeout=timeout)
+        except (*UNAVAILABLE, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+            if "received invalid connection" in str(exc):
+                raise  # not one of ours: a bug, not an outage
+            log.warning("db_release_failed", error=type(exc).__name__, detail=str(exc))
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    acquire_timeout: float = ACQUIRE_TIMEOUT_S,
+    command_timeout: float = COMMAND_TIMEOUT_S,
+) -> asyncpg.Pool:
+    """A pool that recovers by itself after PostgreSQL restarts: a connection found
+    dead is replaced on its next acquire; meanwhile requests fail fast (503)."""
+    pool = BoundedPool(
         dsn,
+        acquire_timeout=acquire_timeout,
         min_size=min_size,
         max_size=max_size,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=300.0,
         init=_init_connection,
-        command_timeout=30,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        command_timeout=command_timeout,
+        timeout=acquire_timeout,  # connecting
         server_settings={"application_name": "selfserve", "timezone": "UTC"},
     )
-    assert pool is not None
+    await pool
     return pool
 
 

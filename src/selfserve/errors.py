@@ -89,6 +89,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "该班次与同一资源的其他班次重叠。",
     ),
     "service_unavailable": ("A dependency is unavailable.", "依赖服务暂不可用。"),
+    "database_unavailable": (
+        "The database cannot be reached right now; please try again shortly.",
+        "暂时无法连接数据库，请稍后重试。",
+    ),
     "internal_error": ("Something went wrong on our side.", "服务器内部错误。"),
     "invalid_code": ("The code is wrong or was already used.", "验证码错误或已使用。"),
     "code_expired": ("The code has expired; ask for a new one.", "验证码已过期，请重新获取。"),
@@ -349,6 +353,18 @@ class ServiceUnavailable(DomainError):
     code = "service_unavailable"
 
 
+DATABASE_RETRY_AFTER_S = 2
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """PostgreSQL cannot be reached (down, restarting, every connection busy too long)."""
+
+    code = "database_unavailable"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"retry-after": str(DATABASE_RETRY_AFTER_S)})
+
+
 def _request_id(request: Request[Any, Any, Any]) -> str | None:
     rid = request.scope.get("state", {}).get("request_id")
     return rid if isinstance(rid, str) else None
@@ -540,10 +556,66 @@ def _data_handler(request: Request[Any, Any, Any], exc: asyncpg.DataError) -> Re
     return _internal_handler(request, exc)
 
 
+def _unavailable_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """PostgreSQL went away under a request (restart, failover, lost connection) or a
+    statement ran past its timeout: 503 with Retry-After, never a 500. What the request
+    wrote is rolled back unless its commit was under way: a client that must know
+    retries with the same Idempotency-Key."""
+    log.warning(
+        "dependency_unavailable", path=request.url.path, error=type(exc).__name__, detail=str(exc)
+    )
+    code = "service_unavailable" if isinstance(exc, TimeoutError) else "database_unavailable"
+    return problem_response(
+        request,
+        status=503,
+        code=code,
+        headers={"retry-after": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
+_CONNECTION_LOST = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """Whether a connection failure is behind `exc`: asyncpg reports a connection that
+    died inside `async with conn.transaction()` as an InterfaceError ("the underlying
+    connection is closed") raised while handling the real failure."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, _CONNECTION_LOST):
+            return True
+        if isinstance(cause, asyncpg.InternalClientError) and "cannot switch to state" in str(
+            cause
+        ):
+            # The server's goodbye (e.g. 57P01) arrived on an idle pooled connection
+            # just before the request used it: the protocol is still consuming it.
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return "connection is closed" in str(exc)
+
+
+def _interface_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if _lost_connection(exc):
+        return _unavailable_handler(request, exc)
+    return _internal_handler(request, exc)
+
+
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     DomainError: _domain_handler,
     HTTPException: _http_handler,
     asyncpg.DataError: _data_handler,
+    # SQLSTATE classes 08 (connection) and 57 (server shutting down, starting up).
+    asyncpg.PostgresConnectionError: _unavailable_handler,
+    asyncpg.exceptions.OperatorInterventionError: _unavailable_handler,
+    TimeoutError: _unavailable_handler,
+    asyncpg.InterfaceError: _interface_handler,
+    asyncpg.InternalClientError: _interface_handler,
     Exception: _internal_handler,
 }
 
@@ -555,6 +627,7 @@ __all__ = [
     "BookingNotActive",
     "CapacityInUse",
     "Conflict",
+    "DatabaseUnavailable",
     "DomainError",
     "FieldError",
     "Forbidden",

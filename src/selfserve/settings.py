@@ -40,6 +40,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1_048_576
     db_pool_min: int = 1
     db_pool_max: int = 10
+    # While PostgreSQL is unreachable a request waits at most this long for a
+    # connection before it is answered 503; a statement at most db_command_timeout_s.
+    db_acquire_timeout_s: int = 10
+    db_command_timeout_s: int = 30
     data_dir: str = ".selfserve"
     log_format: str = "console"
     log_level: str = "INFO"
@@ -242,6 +246,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=_int(env, "SELFSERVE_MAX_BODY_BYTES", 1_048_576),
         db_pool_min=_int(env, "SELFSERVE_DB_POOL_MIN", 1, minimum=0),
         db_pool_max=_int(env, "SELFSERVE_DB_POOL_MAX", 10),
+        db_acquire_timeout_s=_int(env, "SELFSERVE_DB_ACQUIRE_TIMEOUT", 10),
+        db_command_timeout_s=_int(env, "SELFSERVE_DB_COMMAND_TIMEOUT", 30),
         data_dir=env.get("SELFSERVE_DATA_DIR", ".selfserve"),
         log_format=log_format,
         log_level=env.get("SELFSERVE_LOG_LEVEL", "INFO").upper(),

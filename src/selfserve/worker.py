@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from arq import cron, func
 from arq.connections import RedisSettings
 
@@ -56,7 +57,11 @@ async def startup(ctx: dict[str, Any]) -> None:
         raise ConfigError("DATABASE_URL is not set")
     ctx["settings"] = settings
     ctx["pool"] = await db.create_pool(
-        settings.database_url, min_size=1, max_size=settings.db_pool_max
+        settings.database_url,
+        min_size=1,
+        max_size=settings.db_pool_max,
+        acquire_timeout=settings.db_acquire_timeout_s,
+        command_timeout=settings.db_command_timeout_s,
     )
     ctx["sms"] = build_transport(settings)
 
@@ -65,7 +70,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     sms = ctx.pop("sms", None)
     if sms is not None:
         await sms.close()
-    pool = ctx.get("pool")
+    pool = ctx.pop("pool", None)
     if pool is not None:
         await pool.close()
 
@@ -126,3 +131,53 @@ class WorkerSettings:
     max_tries = 5
     job_timeout = 60
     keep_result = 3600
+
+
+RESTART_MIN_S = 1.0
+RESTART_MAX_S = 30.0
+
+
+def run() -> None:
+    """`selfserve worker`: run the arq worker until it is told to stop.
+
+    arq's worker ends when Redis goes away under it (a restart, a failover). Redis
+    only carried jobs, which PostgreSQL can rebuild: so the worker closes what it
+    opened and starts again, backing off while Redis does not answer. The sweeps that
+    run at start enqueue again whatever is due and not done.
+    """
+    import signal
+    import time
+
+    from arq.worker import create_worker
+    from redis.exceptions import RedisError
+
+    delay = RESTART_MIN_S
+    while True:
+        worker = create_worker(WorkerSettings, redis_settings=redis_settings())  # type: ignore[arg-type]
+        started = time.monotonic()
+        try:
+            worker.run()
+            return
+        except (RedisError, OSError) as exc:
+            _close_after_failure(worker)
+            if time.monotonic() - started > 2 * RESTART_MAX_S:
+                delay = RESTART_MIN_S  # it ran a good while: a new outage
+            structlog.get_logger("selfserve.worker").warning(
+                "worker_lost_redis", error=type(exc).__name__, detail=str(exc), restart_in=delay
+            )
+        # Signals arrive as usual while waiting (arq handles them only in its loop).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        time.sleep(delay)
+        delay = min(delay * 2, RESTART_MAX_S)
+
+
+def _close_after_failure(worker: Any) -> None:
+    """arq's close stops at its first Redis call when Redis is gone: close the rest."""
+    import contextlib
+
+    with contextlib.suppress(Exception):
+        worker.loop.run_until_complete(shutdown(worker.ctx))
+    with contextlib.suppress(Exception):
+        if worker._pool is not None:
+            worker.loop.run_until_complete(worker._pool.close(close_connection_pool=True))
+            worker._pool = None
