@@ -26,6 +26,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 from arq.connections import ArqRedis
 
 from selfserve import db
@@ -43,7 +44,7 @@ from selfserve.scheduling.models import (
     BookingChangeOut,
 )
 from selfserve.scheduling.policy import DEFAULT_POLICY, BookingPolicy
-from selfserve.scheduling.slots import Outbox, local_iso
+from selfserve.scheduling.slots import Outbox
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -53,21 +54,9 @@ NOTICES = {"cancel": "booking_cancelled_by_branch", "reschedule": "booking_moved
 
 
 def admin_out(row: Record) -> AdminBookingOut:
+    """The customer's view of the booking (`service.booking_out`) and what staff see too."""
     return AdminBookingOut(
-        id=row["id"],
-        code=row["code"],
-        status=row["status"],
-        start=row["starts_at"],
-        end=row["ends_at"],
-        local_start=local_iso(row["starts_at"], row["timezone"]),
-        timezone=row["timezone"],
-        branch_id=row["branch_id"],
-        service_id=row["service_id"],
-        party_size=row["party_size"],
-        channel=row["channel"],
-        cancelled_at=row["cancelled_at"],
-        confirmed_by_sms_at=row["confirmed_by_sms_at"],
-        late_cancellation=row["late_cancellation"],
+        **msgspec.structs.asdict(svc.booking_out(row)),
         resource_id=row["resource_id"],
         customer_id=row["customer_id"],
         phone=row["phone"],
