@@ -443,7 +443,9 @@ class AdminBookingController(Controller):
         description="Frees its seats at once and offers them to the waitlist, as the "
         "customer's cancel does, but without the late-cancellation policy. The change is "
         "recorded (who, when, why) and the booking's phone is texted.",
-        responses=problems(401, 403, 404, 409, 413, 422, s409="`booking_not_active`"),
+        responses=problems(
+            401, 403, 404, 409, 413, 422, s409="`booking_not_active`, `booking_checked_in`"
+        ),
     )
     async def cancel(
         self,
