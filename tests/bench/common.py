@@ -162,6 +162,22 @@ async def drop_database(admin_url: str, name: str) -> None:
 # --- the API process ---------------------------------------------------------------
 
 
+# A benchmark plays thousands of customers and kiosks from few tokens: the per-owner
+# abuse limits are set out of reach (their checks still run on every request).
+UNLIMITED = {
+    name: "1000000"
+    for name in (
+        "SELFSERVE_MAX_ACTIVE_HOLDS",
+        "SELFSERVE_MAX_BOOKINGS_PER_DAY",
+        "SELFSERVE_MAX_OPEN_TICKETS",
+        "SELFSERVE_MAX_WAITLIST_ENTRIES",
+        "SELFSERVE_SMS_PER_NUMBER_HOUR",
+        "SELFSERVE_SMS_PER_DEVICE_HOUR",
+        "SELFSERVE_SMS_DAILY_BUDGET",
+    )
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -202,6 +218,7 @@ def api_server(
     )
     if args.pool_max:
         env["SELFSERVE_DB_POOL_MAX"] = str(args.pool_max)
+    env.update(UNLIMITED)
     env.update(extra_env or {})
     logdir = Path(tempfile.mkdtemp(prefix="selfserve-bench-log-"))
     api: Api | None = None

@@ -46,6 +46,7 @@ from selfserve.settings import Settings
 from tests.bench.common import (
     BASELINE_PATH,
     ROOT,
+    UNLIMITED,
     create_database,
     drop_database,
     free_port,
@@ -322,6 +323,7 @@ async def bench(
             SELFSERVE_QUIET_HOURS_START="00:00",
             SELFSERVE_QUIET_HOURS_END="00:00",
         )
+        env.update(UNLIMITED)
         logdir = Path(tempfile.mkdtemp(prefix="selfserve-bench-mixed-"))
         try:
             with stack(env, logdir) as (urls, procs):
