@@ -107,3 +107,30 @@ async def test_a_crash_after_twilio_accepted_is_resolved_then_masked(
     r = await row(pool, mid)
     assert r["status"] == "sent"
     assert CODE not in r["body"]
+
+
+async def test_a_code_past_its_deadline_is_masked_whoever_expires_it(
+    env: ModuleEnv, pool: asyncpg.Pool, redis: ArqRedis, twilio: FakeTwilio
+) -> None:
+    """Expired by the send job that claims it, or by the sweep after an outage: never
+    sent, and not kept in clear either."""
+    by_job, by_sweep = new_phone(), new_phone()
+    job_mid = await code_message(pool, redis, by_job)
+    await redis.flushdb()  # the second one's job is lost: only the sweep will meet it
+    sweep_mid = await code_message(pool, redis, by_sweep)
+    await redis.flushdb()
+    assert await enqueue_after_commit(redis, [job_mid], PAST) == 1
+    await pool.execute(
+        "UPDATE messages SET expires_at = now() - interval '1 second' WHERE id = ANY($1)",
+        [job_mid, sweep_mid],
+    )
+
+    await drain(env, redis)
+    await sweep(pool, redis)
+
+    assert twilio.sent_to(by_job) == twilio.sent_to(by_sweep) == []
+    for mid in (job_mid, sweep_mid):
+        r = await row(pool, mid)
+        assert r["status"] == "expired"
+        assert CODE not in r["body"]
+        assert "******" in r["body"]

@@ -102,7 +102,8 @@ RETURNING phone
 MARK_EXPIRED = """
 UPDATE messages
 SET status = 'expired', attempts = attempts - 1, claimed_at = NULL, maybe_sent = false,
-    error_code = 'deadline_passed', error_message = $3, updated_at = now()
+    error_code = 'deadline_passed', error_message = $3, updated_at = now(),
+    body = coalesce($4, body)
 WHERE id = $1 AND status = 'sending' AND attempts = $2
 """
 # Pending rows whose deadline passed, expired in pages by the sweep (the send job
@@ -120,8 +121,9 @@ WHERE id IN (
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
-RETURNING id
+RETURNING id, template, body
 """
+SET_BODY = "UPDATE messages SET body = $2 WHERE id = $1"
 # Back to pending until `send_at`, after a retryable error ($3 seconds of backoff).
 RETRY_LATER = """
 UPDATE messages

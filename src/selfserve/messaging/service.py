@@ -394,7 +394,9 @@ async def send_message(ctx: dict[str, Any], message_id: int) -> str:
 
 async def _expire(pool: asyncpg.Pool, msg: ClaimedMessage, why: str) -> None:
     deadline = msg.expires_at.isoformat() if msg.expires_at is not None else "?"
-    await pool.execute(q.MARK_EXPIRED, msg.id, msg.attempts, f"{why} (deadline {deadline})")
+    await pool.execute(
+        q.MARK_EXPIRED, msg.id, msg.attempts, f"{why} (deadline {deadline})", _scrubbed(msg)
+    )
     log.info("sms_expired", message_id=msg.id, phone=mask_phone(msg.phone), reason=why)
 
 
@@ -520,7 +522,12 @@ async def expire_overdue(pool: asyncpg.Pool) -> int:
     returns how many. Rows a job holds are left to that job."""
     expired = 0
     while expired < SWEEP_MAX_ROWS:
-        rows = await pool.fetch(q.EXPIRE_PENDING, SWEEP_PAGE)
+        async with transaction(pool) as conn:
+            rows = await conn.fetch(q.EXPIRE_PENDING, SWEEP_PAGE)
+            # a one-time code that will never be sent is not kept in clear either
+            for r in rows:
+                if r["template"] in SECRET_TEMPLATES:
+                    await conn.execute(q.SET_BODY, r["id"], masked_body(r["template"], r["body"]))
         expired += len(rows)
         if len(rows) < SWEEP_PAGE:
             break
