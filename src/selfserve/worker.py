@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
 from arq import cron, func
 from arq.connections import RedisSettings
+from arq.worker import Worker, get_kwargs
 
 from selfserve import db
 from selfserve.logs import configure_logging
@@ -133,6 +135,18 @@ class WorkerSettings:
     keep_result = 3600
 
 
+class _Worker(Worker):
+    async def close(self) -> None:
+        """arq's close re-raises the CancelledError of every job a stop signal cut
+        short, skipping the rest of the shutdown (`on_shutdown`, the Redis pool) and
+        ending `selfserve worker` with a traceback. Jobs are idempotent and the sweeps
+        enqueue again whatever they left: wait for them to end, then close as usual."""
+        if self._handle_signals and self.tasks:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            self.tasks.clear()
+        await super().close()
+
+
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
 
@@ -148,12 +162,13 @@ def run() -> None:
     import signal
     import time
 
-    from arq.worker import create_worker
     from redis.exceptions import RedisError
 
     delay = RESTART_MIN_S
     while True:
-        worker = create_worker(WorkerSettings, redis_settings=redis_settings())  # type: ignore[arg-type]
+        kwargs: dict[str, Any] = dict(get_kwargs(WorkerSettings))  # type: ignore[arg-type]
+        kwargs["redis_settings"] = redis_settings()
+        worker = _Worker(**kwargs)
         started = time.monotonic()
         try:
             worker.run()
