@@ -307,7 +307,7 @@ class World:
     customers: list[tuple[int, str]]
 
 
-async def seed_world(pool: asyncpg.Pool, env: ModuleEnv, customers: int = 3000) -> World:
+async def seed_world(pool: asyncpg.Pool, env: ModuleEnv, customers: int = 20000) -> World:
     bid, sid, _ = await seed(pool, capacity=2, resources=2)
     first = at_hour(2)
     # enough seats (2 x 2 a slot, 8 days of half hours) that a fast run does not fill
